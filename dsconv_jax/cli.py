@@ -1,0 +1,110 @@
+"""Shared command-line plumbing: the --config flag, multi-host flags, and clean user errors."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from dsconv_jax.errors import UsageError, UserError, run_cli
+
+FLAGS = flags.FLAGS
+# JAX reports each accelerator plugin it did not find (libtpu, CUDA) at INFO level; on a CPU-only
+# machine that is noise in front of every command.
+logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+
+
+def define_config_flag() -> None:
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file defining get_config(), e.g. configs/model3.py; override values '
+      'with --config.KEY=VALUE.', lock_config=True)
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string('coordinator_address', None,
+                      'HOST:PORT of process 0, to train on several hosts (not needed on Cloud TPU '
+                      'VMs, where jax.distributed initialises itself).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts) taking part.')
+  flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
+
+
+def initialize_distributed() -> None:
+  """Joins the processes of a multi-host run when asked to (or on a Cloud TPU VM)."""
+  import jax
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise UsageError('--coordinator_address, --num_processes and --process_id go together')
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif _on_cloud_tpu_vm():
+    jax.distributed.initialize()
+
+
+def _on_cloud_tpu_vm() -> bool:
+  import os
+  return bool(os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('CLOUD_TPU_TASK_ID'))
+
+
+def get_config():
+  """The parsed --config, or a usage error when it is missing."""
+  config = FLAGS.config
+  if config is None:
+    raise UsageError('--config=configs/NAME.py is required')
+  return config
+
+
+def main(body: Callable[[Sequence[str]], None]) -> None:
+  """Runs an absl program whose user errors end in one line, exit 1 (usage errors: exit 2)."""
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    body(argv)
+
+  def flags_parser(argv):
+    try:
+      argv = FLAGS(argv)
+      _check_config_loaded()
+      return argv
+    except flags.Error as e:
+      print(f'error: {_first_line(e)}\nusage: python -m {_module_name()} --config=configs/'
+            'model3.py [--config.KEY=VALUE ...] (--helpfull for all flags)', file=sys.stderr)
+      sys.exit(2)
+    except UserError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(1)
+    except Exception as e:  # pylint: disable=broad-except
+      # Config files are executed while flags are parsed: a missing file or an error inside one
+      # is the user's to fix, not a crash.
+      print(f'error: cannot load the config: {_first_line(e)}', file=sys.stderr)
+      sys.exit(1)
+
+  run_cli(lambda: app.run(lambda argv: run_cli(lambda: wrapped(argv)), flags_parser=flags_parser))
+
+
+def _check_config_loaded() -> None:
+  """ml_collections defers a config file's load error to first use; surface it now, in one line."""
+  if 'config' not in FLAGS or FLAGS['config'].value is None:
+    return
+  try:
+    FLAGS.config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    raise UserError(f'cannot load --config={FLAGS["config"].config_filename}: {detail}') from None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return text.splitlines()[0]
+
+
+def _module_name() -> str:
+  main_mod = sys.modules.get('__main__')
+  spec = getattr(main_mod, '__spec__', None)
+  return spec.name if spec is not None else 'dsconv_jax.main'

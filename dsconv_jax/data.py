@@ -1,0 +1,222 @@
+"""Datasets as uint8 arrays: CIFAR-10 (or any tfds name) and image folders, decoded once and cached.
+
+A dataset is small enough (CIFAR-10: 180 MB as uint8) to live in accelerator memory whole, so this
+module only produces numpy arrays; batching, shuffling, preprocessing and augmentation happen on the
+device inside compiled code (`dsconv_jax.train`, `dsconv_jax.augment`).
+
+Sources (`config.dataset`):
+* `cifar10` or any tfds image-classification name, through tensorflow-datasets (`tfds_source`);
+* `folder:ROOT`, the layout `ROOT/{train,test}/<class>/<image>` (JPEG, PNG, ... of any size,
+  RGB or grayscale), read with Pillow alone, without TensorFlow. Class ids follow the sorted class
+  folder names (CIFAR-10's ids for the CIFAR-10 folders). Decoded arrays are cached in
+  `cache_dir` (keyed by the files' names, sizes and times), so the next run skips decoding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+from typing import Sequence
+
+import numpy as np
+
+from dsconv_jax import fileio
+from dsconv_jax.errors import UserError
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
+SPLITS = ('train', 'test')
+
+
+@dataclasses.dataclass
+class Split:
+  images: np.ndarray  # uint8 [N, H, W, C]
+  labels: np.ndarray  # int32 [N]
+
+
+@dataclasses.dataclass
+class Dataset:
+  train: Split
+  test: Split
+  class_names: list[str]
+  source: str
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def load_dataset(dataset: str, data_dir: str | None = None, cache_dir: str | None = None,
+                 image_size: int = 0) -> Dataset:
+  """Loads both splits of `dataset` ('cifar10', a tfds name, or 'folder:ROOT')."""
+  if not dataset:
+    raise UserError('config.dataset is empty; use cifar10 or folder:/path/to/images')
+  if dataset.startswith('folder:'):
+    root = os.path.expanduser(dataset[len('folder:'):])
+    return load_folder(root, cache_dir=cache_dir, image_size=image_size)
+  from dsconv_jax import tfds_source  # TensorFlow only when this source is used.
+  splits = {}
+  class_names: list[str] = []
+  for split in SPLITS:
+    images, labels, class_names = tfds_source.load_split(dataset, split, data_dir or None)
+    splits[split] = Split(_resize_all(images, image_size), labels.astype(np.int32))
+  return Dataset(splits['train'], splits['test'], class_names, f'tfds:{dataset}')
+
+
+def _list_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+  """Returns class names and, per split, (path, label) pairs in a deterministic order."""
+  if not os.path.isdir(root):
+    raise UserError(f'dataset folder {root!r} does not exist; expected ROOT/train/<class>/*.jpg '
+                    'and ROOT/test/<class>/*.jpg')
+  classes_per_split = {}
+  for split in SPLITS:
+    d = os.path.join(root, split)
+    if not os.path.isdir(d):
+      raise UserError(f'dataset folder {root!r} has no {split}/ folder; expected '
+                      'ROOT/train/<class>/ and ROOT/test/<class>/ with one folder per class')
+    classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith('.'))
+    if not classes:
+      raise UserError(f'{d!r} has no class folders; expected {d}/<class>/<image files>')
+    classes_per_split[split] = classes
+  if classes_per_split['train'] != classes_per_split['test']:
+    only_train = sorted(set(classes_per_split['train']) - set(classes_per_split['test']))
+    only_test = sorted(set(classes_per_split['test']) - set(classes_per_split['train']))
+    raise UserError(f'the class folders of train/ and test/ in {root!r} differ (only in train: '
+                    f'{only_train or "none"}; only in test: {only_test or "none"})')
+  class_names = classes_per_split['train']
+  files = {}
+  for split in SPLITS:
+    items = []
+    for label, name in enumerate(class_names):
+      d = os.path.join(root, split, name)
+      names = sorted(f for f in os.listdir(d)
+                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+      if not names:
+        raise UserError(f'class folder {d!r} holds no images ({", ".join(IMAGE_EXTENSIONS)}); '
+                        'is the copy complete?')
+      items.extend((os.path.join(d, f), label) for f in names)
+    files[split] = items
+  return class_names, files
+
+
+def _decode(path: str, image_size: int, mode: str | None):
+  from PIL import Image  # Pillow is only needed for folder datasets.
+  try:
+    with Image.open(path) as img:
+      img.load()
+      if mode is None:
+        mode = 'L' if img.mode in ('L', 'I;16', 'I', '1') else 'RGB'
+      img = img.convert(mode)
+      if image_size and img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+      arr = np.asarray(img, dtype=np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise UserError(f'cannot read image {path!r} ({type(e).__name__}: {e}); replace or remove '
+                    'the file') from None
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _grayscale(path: str) -> bool:
+  from PIL import Image
+  try:
+    with Image.open(path) as img:
+      return img.mode in ('L', 'I;16', 'I', '1')
+  except (OSError, ValueError, SyntaxError) as e:
+    raise UserError(f'cannot read image {path!r} ({type(e).__name__}: {e}); replace or remove '
+                    'the file') from None
+
+
+def _decode_all(paths: Sequence[str], image_size: int, mode: str) -> np.ndarray:
+  workers = min(32, (os.cpu_count() or 1) * 4)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    arrays = list(pool.map(lambda p: _decode(p, image_size, mode), paths, chunksize=256))
+  shape = arrays[0].shape
+  for path, arr in zip(paths, arrays):
+    if arr.shape != shape:
+      raise UserError(f'image {path!r} is {arr.shape[1]}x{arr.shape[0]} but {paths[0]!r} is '
+                      f'{shape[1]}x{shape[0]}; set --config.image_size=N to resize all images')
+  return np.stack(arrays)
+
+
+def load_folder(root: str, cache_dir: str | None = None, image_size: int = 0) -> Dataset:
+  """Reads an image-folder dataset, decoding once and caching the arrays in `cache_dir`."""
+  root = os.path.abspath(root)
+  class_names, files = _list_folder(root)
+  digest = hashlib.sha256(f'v1|{root}|{image_size}'.encode())
+  for split in SPLITS:
+    for path, label in files[split]:
+      st = os.stat(path)
+      digest.update(f'{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n'
+                    .encode())
+  cache_path = None
+  if cache_dir:
+    cache_path = os.path.join(os.path.expanduser(cache_dir), f'folder-{digest.hexdigest()[:24]}.npz')
+    cached = _read_cache(cache_path)
+    if cached is not None:
+      return Dataset(cached['train'], cached['test'], class_names, f'folder:{root}')
+  # One channel count for the whole dataset: grayscale only if every image is.
+  all_paths = [p for split in SPLITS for p, _ in files[split]]
+  mode = 'L' if all(_grayscale(p) for p in all_paths) else 'RGB'
+  splits = {}
+  for split in SPLITS:
+    paths = [p for p, _ in files[split]]
+    labels = np.array([l for _, l in files[split]], np.int32)
+    splits[split] = Split(_decode_all(paths, image_size, mode), labels)
+  if splits['train'].images.shape[1:] != splits['test'].images.shape[1:]:
+    raise UserError(f'train images are {splits["train"].images.shape[1:]} but test images are '
+                    f'{splits["test"].images.shape[1:]}; set --config.image_size=N')
+  if cache_path:
+    try:
+      fileio.atomic_write_npz(cache_path, train_images=splits['train'].images,
+                              train_labels=splits['train'].labels,
+                              test_images=splits['test'].images, test_labels=splits['test'].labels)
+    except OSError:
+      pass  # The cache only saves time; an unwritable cache directory is not an error.
+  return Dataset(splits['train'], splits['test'], class_names, f'folder:{root}')
+
+
+def _read_cache(path: str) -> dict[str, Split] | None:
+  try:
+    with np.load(path) as z:
+      return {s: Split(z[f'{s}_images'], z[f'{s}_labels']) for s in SPLITS}
+  except (OSError, KeyError, ValueError):
+    return None
+
+
+def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:
+  if not image_size or images.shape[1:3] == (image_size, image_size):
+    return images
+  from PIL import Image
+  out = [np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im).resize(
+      (image_size, image_size), Image.BILINEAR)) for im in images]
+  return np.stack([o[..., None] if o.ndim == 2 else o for o in out])
+
+
+def take_subset(split: Split, n: int, seed: int) -> Split:
+  """The first `n` examples of a seeded shuffle of `split` (all of it, shuffled, when n is 0)."""
+  if n < 0:
+    raise UserError(f'a subset size must be >= 0 (0 means all), got {n}')
+  order = np.random.default_rng(seed).permutation(len(split.labels))
+  if n:
+    order = order[:n]
+  return Split(split.images[order], split.labels[order])
+
+
+def normalization_stats(images: np.ndarray, kind: str) -> tuple[list[float], list[float]]:
+  """Per-channel (mean, std) that preprocessing subtracts and divides by, in 0..255 units.
+
+  'scale' divides by 255 (source 000); 'standardize' uses the training images' per-channel mean
+  and standard deviation (source 001). Evaluation always reuses the training statistics.
+  """
+  c = images.shape[-1]
+  if kind == 'scale':
+    return [0.0] * c, [255.0] * c
+  if kind == 'standardize':
+    flat = images.reshape(-1, c).astype(np.float64)
+    return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
+  raise UserError(f"config.normalization must be 'scale' or 'standardize', got {kind!r}")

@@ -1,0 +1,72 @@
+"""Default config values shared by every config in configs/: source 000's Model 3 recipe.
+
+Config files call `get_config()` from here and override a handful of fields, so that they work
+wherever the package is installed and whatever the working directory.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Model: a name from dsconv_jax.models.MODELS, and keyword overrides for its constructor.
+  config.model = 'model3'
+  config.model_kwargs = ml_collections.ConfigDict()
+  # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
+  config.depthwise_impl = 'auto'
+
+  # Data: 'cifar10' (or another tfds name) or 'folder:/path/to/root' (ROOT/{train,test}/<class>/).
+  config.dataset = 'cifar10'
+  # tfds data_dir ('' = tfds' default, ~/tensorflow_datasets).
+  config.data_dir = ''
+  # Where decoded image-folder datasets are cached as uint8 arrays ('' = no cache).
+  config.cache_dir = '~/.cache/dsconv_jax'
+  # Resize every image to image_size x image_size (0 = keep the stored size, which must be uniform).
+  config.image_size = 0
+  # Use only the first N examples of the seeded shuffle of each split (0 = all). The subsets are
+  # fixed by data_seed, so that runs with different seeds see the same examples.
+  config.train_examples = 0
+  config.eval_examples = 0
+  config.data_seed = 0
+  # 'scale' (x / 255, source 000) or 'standardize' (per-channel mean/std of the training data).
+  config.normalization = 'scale'
+  # Comma-separated on-device augmentations: '', 'crop', 'flip', 'cutout' (e.g. 'crop,flip').
+  config.augment = ''
+
+  # Training.
+  config.num_epochs = 50
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+  config.seed = 0
+  # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'sgd' (with momentum, nesterov).
+  config.optimizer = 'keras_adam'
+  config.momentum = 0.9
+  config.nesterov = False
+  config.learning_rate = 0.01
+  # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
+  # Keras' LearningRateScheduler; 'constant'.
+  config.lr_schedule = 'inverse_time'
+  config.lr_decay = 0.319
+  # Checkpoints kept (the newest ones); more than 1 lets a damaged newest one fall back.
+  config.checkpoint_keep = 2
+
+  # The design rules of the source assignment, checked by `summary` and before training.
+  config.constraints = ml_collections.ConfigDict()
+  config.constraints.max_params = 100_000  # The Keras total must stay below this (0 = no limit).
+  config.constraints.depthwise_separable_only = True  # No k x k (k > 1) convolution across channels.
+  config.constraints.require_batch_norm = True
+  config.constraints.allow_dense = False
+  return config
+
+
+def get_testing_config() -> ml_collections.ConfigDict:
+  """A tiny model on a few images, used for testing only."""
+  config = get_config()
+  config.model = 'tiny'
+  config.num_epochs = 1
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.train_examples = 32
+  config.eval_examples = 16
+  config.cache_dir = ''
+  return config

@@ -1,0 +1,67 @@
+"""Files that are never half-written: write to a temporary file in the same folder, fsync, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = 'w') -> Iterator[Any]:
+  """Yields a file that replaces `path` only once it is completely written and flushed."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  with atomic_open(path, 'w') as f:
+    f.write(text)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def atomic_write_npz(path: str, **arrays: np.ndarray) -> None:
+  with atomic_open(path, 'wb') as f:
+    np.savez(f, **arrays)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads complete JSON lines; a torn last line (a killed writer) is ignored."""
+  rows = []
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      if not line.endswith('\n'):
+        break
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
+
+
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+  """Appends one line and fsyncs it, so a finished epoch's metrics survive a crash."""
+  with open(path, 'a') as f:
+    f.write(json.dumps(row, sort_keys=True) + '\n')
+    f.flush()
+    os.fsync(f.fileno())

@@ -1,0 +1,27 @@
+"""Trains one model: `python -m dsconv_jax.main --config=configs/model3.py --workdir=DIR`.
+
+Running the same command again on the same DIR resumes from the newest checkpoint.
+"""
+
+from absl import flags
+
+from dsconv_jax import cli
+
+FLAGS = flags.FLAGS
+cli.define_config_flag()
+flags.DEFINE_string('workdir', None, 'Folder for metrics, summary, checkpoints and curves.')
+cli.define_distributed_flags()
+
+
+def run(argv) -> None:
+  del argv
+  config = cli.get_config()
+  if not FLAGS.workdir:
+    raise cli.UsageError('--workdir=DIR is required (where the run writes its files)')
+  cli.initialize_distributed()
+  from dsconv_jax import train  # Imported late: JAX starts only after the flags are valid.
+  train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  cli.main(run)

@@ -1,0 +1,156 @@
+"""The models of the source studies, built from `dsconv_jax.layers`, chosen by name.
+
+Parameter counts are the Keras counts (BatchNorm moving statistics included as non-trainable);
+`tests/test_models.py` checks each against the number its source printed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+
+from dsconv_jax.errors import UserError
+from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseConv2D, Dropout,
+                               Flatten, GlobalAvgPool, MaxPool2D, PointwiseConv2D, SeparableConv2D)
+
+
+class DepthwisePointwiseNet(nn.Module):
+  """Source 000's Model 2/3/4: DepthwiseConv2D + 1x1 Conv2D blocks, ReLU, BN, dropout, GAP.
+
+  35,387 parameters (34,427 trainable) for 32x32x3 inputs and 10 classes. Each block is
+  depthwise 3x3 -> pointwise 1x1 -> ReLU -> BatchNorm -> Dropout, all without biases; the first
+  block pads 'same', the others 'valid'. Output sizes 32, 30, 28, pool 14, 12, 10, 8, pool 4, 2.
+  `dropout_rates` are the rates of the three stages (Model 3: 0.1, 0.2, 0.25).
+  """
+  num_classes: int = 10
+  dropout_rates: Sequence[float] = (0.1, 0.2, 0.25)
+  depthwise_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    d1, d2, d3 = self.dropout_rates
+
+    def block(x, features, rate, padding='valid'):
+      x = DepthwiseConv2D(3, padding=padding, use_bias=False, impl=self.depthwise_impl)(x, train)
+      x = PointwiseConv2D(features, use_bias=False)(x, train)
+      x = Activation('relu')(x, train)
+      x = BatchNorm()(x, train)
+      return Dropout(rate)(x, train)
+
+    x = block(x, 32, d1, padding='same')
+    x = block(x, 64, d1)
+    x = block(x, 128, d1)
+    x = MaxPool2D(2)(x, train)
+    x = PointwiseConv2D(32, use_bias=False)(x, train)
+    x = block(x, 32, d2)
+    x = block(x, 64, d2)
+    x = block(x, 128, d2)
+    x = MaxPool2D(2)(x, train)
+    x = PointwiseConv2D(32, use_bias=False)(x, train)
+    x = block(x, 32, d3)
+    x = PointwiseConv2D(self.num_classes, use_bias=False)(x, train)
+    return GlobalAvgPool()(x, train)
+
+
+class Separable80k(nn.Module):
+  """Source 001's network: 7 SeparableConv2D (no bias) + dropout 0.07 + BN + ReLU, then GAP.
+
+  80,203 parameters (78,891 trainable). Widths 32-48-96, pool, 128-160, pool, 192 (valid),
+  num_classes (valid); the last separable convolution has no BN or activation.
+  """
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 48, 96, 128, 160, 192)
+  dropout_rate: float = 0.07
+  depthwise_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    w = self.widths
+
+    def block(x, features, padding='same'):
+      x = SeparableConv2D(features, 3, padding=padding, use_bias=False,
+                          impl=self.depthwise_impl)(x, train)
+      x = Dropout(self.dropout_rate)(x, train)
+      x = BatchNorm()(x, train)
+      return Activation('relu')(x, train)
+
+    x = block(x, w[0])
+    x = block(x, w[1])
+    x = block(x, w[2])
+    x = MaxPool2D(2)(x, train)
+    x = block(x, w[3])
+    x = block(x, w[4])
+    x = MaxPool2D(2)(x, train)
+    x = block(x, w[5], padding='valid')
+    x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
+                        impl=self.depthwise_impl)(x, train)
+    return GlobalAvgPool()(x, train)
+
+
+class Baseline(nn.Module):
+  """Source 000's Baseline: 6 Conv2D (48-48-96-96-192-192), Dense 512-256-10, dropout 0.25/0.5.
+
+  1,172,410 parameters (all trainable, no BatchNorm). It breaks the depthwise-separable and
+  no-dense rules on purpose: it is the score to beat (82.93% max val in the source).
+  """
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for features in (48, 96, 192):
+      x = Conv2D(features, 3, padding='same')(x, train)
+      x = Activation('relu')(x, train)
+      x = Conv2D(features, 3, padding='valid')(x, train)
+      x = Activation('relu')(x, train)
+      x = MaxPool2D(2)(x, train)
+      x = Dropout(0.25)(x, train)
+    x = Flatten()(x, train)
+    for features in (512, 256):
+      x = Dense(features)(x, train)
+      x = Activation('relu')(x, train)
+      x = Dropout(0.5)(x, train)
+    return Dense(self.num_classes)(x, train)
+
+
+class TinyNet(nn.Module):
+  """A tiny depthwise-separable net, used for testing only (fast to compile on a CPU)."""
+  num_classes: int = 10
+  width: int = 8
+  depthwise_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = DepthwiseConv2D(3, padding='same', use_bias=False, impl=self.depthwise_impl)(x, train)
+    x = PointwiseConv2D(self.width, use_bias=False)(x, train)
+    x = Activation('relu')(x, train)
+    x = BatchNorm()(x, train)
+    x = Dropout(0.1)(x, train)
+    x = MaxPool2D(2)(x, train)
+    x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
+                        impl=self.depthwise_impl)(x, train)
+    return GlobalAvgPool()(x, train)
+
+
+# Model name -> constructor. Variants are partials of one module (Flax examples' style).
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    'baseline': Baseline,
+    'model2': DepthwisePointwiseNet,
+    'model3': DepthwisePointwiseNet,
+    # Source 000 says only "Model 3 with more dropout"; these rates are this project's assumption.
+    'model4': functools.partial(DepthwisePointwiseNet, dropout_rates=(0.2, 0.3, 0.35)),
+    'separable80k': Separable80k,
+    'tiny': TinyNet,
+}
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+  """Builds model `name` with keyword overrides (e.g. num_classes, depthwise_impl)."""
+  if name not in MODELS:
+    raise UserError(f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}')
+  try:
+    return MODELS[name](**kwargs)
+  except TypeError as e:
+    raise UserError(f'bad model_kwargs for model {name!r}: {e}') from None

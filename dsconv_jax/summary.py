@@ -1,0 +1,57 @@
+"""Shows a model before training: `python -m dsconv_jax.summary --config=configs/model3.py [--json]`.
+
+Per layer: output size, parameters, receptive field and jump, computed from the real module
+(`dsconv_jax.analysis`); Keras-style totals; and the configured constraints, each violation with
+its reason. Exits 1, with the reasons on stderr, when a constraint is violated.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import flags
+
+from dsconv_jax import cli
+
+FLAGS = flags.FLAGS
+cli.define_config_flag()
+flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
+flags.DEFINE_string('input_shape', '',
+                    'H,W,C of the input (default: 32,32,3, or config.image_size if set).')
+flags.DEFINE_integer('num_classes', 10, 'Number of classes of the output layer.')
+
+
+def input_shape(config) -> tuple[int, int, int]:
+  if FLAGS.input_shape:
+    try:
+      h, w, c = (int(v) for v in FLAGS.input_shape.split(','))
+    except ValueError:
+      raise cli.UsageError(f'--input_shape must be H,W,C, got {FLAGS.input_shape!r}') from None
+    return h, w, c
+  size = int(config.get('image_size', 0) or 32)
+  return size, size, 3
+
+
+def run(argv) -> None:
+  del argv
+  config = cli.get_config()
+  from dsconv_jax import analysis, train
+  model = train.create_model(config, FLAGS.num_classes)
+  shape = input_shape(config)
+  report = analysis.analyze_model(model, shape, config.constraints)
+  if FLAGS.json:
+    print(json.dumps({'model': config.model, **report.to_json()}, indent=2))
+  else:
+    print(analysis.format_table(report, f'{config.model} on {shape[0]}x{shape[1]}x{shape[2]}'))
+    if not report.violations:
+      print('Constraints: all hold.')
+  if report.violations:
+    print(f'error: model {config.model!r} violates the configured constraints:', file=sys.stderr)
+    for v in report.violations:
+      print(f'  - {v}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  cli.main(run)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sets up .venv when needed, then trains the default model or runs the tests.
+#   ./run.sh [--config.KEY=VALUE ...]   train configs/model3.py on CIFAR-10 into runs/model3
+#   ./run.sh test [PYTEST ARGS ...]     run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+setup() {
+  local extras="test"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    local cuda_major
+    cuda_major=$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -n 1)
+    if [ "${cuda_major:-0}" -ge 13 ]; then extras="$extras,cuda"; else extras="$extras,cuda12"; fi
+  fi
+  # Reinstall only when pyproject.toml or the extras changed since the last setup.
+  local stamp="$VENV/.dsconv_jax-installed"
+  local want
+  want="$(cat pyproject.toml | sha256sum | cut -c1-16)-$extras"
+  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating $VENV with $($PYTHON --version 2>&1)" >&2
+    "$PYTHON" -m venv "$VENV"
+  fi
+  echo "installing dsconv_jax[$extras] into $VENV" >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+  echo "$want" > "$stamp"
+}
+
+setup
+if [ "${1:-}" = "test" ]; then
+  shift
+  exec "$VENV/bin/python" -m pytest "$@"
+fi
+exec "$VENV/bin/python" -m dsconv_jax.main --config=configs/model3.py --workdir=runs/model3 "$@"

@@ -1,0 +1,54 @@
+"""Shared fixtures: small generated image-folder datasets (no network, nothing from ../shared)."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def make_image_folder(root, classes=('cat', 'dog', 'frog'), per_class=(12, 4), size=32,
+                      mode='RGB', ext='.png', seed=0):
+  """Writes ROOT/{train,test}/<class>/NNNN<ext>; class c's images are brightest in channel c."""
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  channels = 1 if mode == 'L' else 3
+  for split, n in zip(('train', 'test'), per_class):
+    for c, name in enumerate(classes):
+      d = os.path.join(root, split, name)
+      os.makedirs(d, exist_ok=True)
+      for i in range(n):
+        img = rng.integers(0, 90, (size, size, channels), dtype=np.uint8)
+        img[..., c % channels] += 160 if channels == 3 else 40 * c
+        arr = img[..., 0] if channels == 1 else img
+        Image.fromarray(arr, mode).save(os.path.join(d, f'{i:04d}{ext}'))
+  return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  return make_image_folder(tmp_path / 'images')
+
+
+@pytest.fixture
+def batched_mock_reads(monkeypatch):
+  """Makes `mock_data`'s data sources answer batched `__getitems__` reads.
+
+  tfds 4.9.10 (testing/mocking.py) assigns `functools.partial(_getitems, ...)` as `__getitems__` of
+  a MagicMock, which does not bind instance attributes, so `self` is never passed and every
+  batched read fails with a TypeError; single `ds[i]` reads work. Wrapping the module-level
+  `_getitems` that the partial is built from accepts both the unbound and a fixed, bound call.
+  """
+  from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
+  original = mocking._getitems  # pylint: disable=protected-access
+
+  def getitems(*args, generator, serialized=False):
+    *maybe_self, record_keys = args
+    self = maybe_self[0] if maybe_self else None  # Only used when `serialized`.
+    return original(self, record_keys, generator=generator, serialized=serialized)
+
+  monkeypatch.setattr(mocking, '_getitems', getitems)

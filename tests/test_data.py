@@ -1,0 +1,116 @@
+"""Image-folder datasets: layout, formats, caching, subsets and the errors for bad folders."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from dsconv_jax import data
+from dsconv_jax.errors import UserError
+
+
+def test_folder_dataset_reads_both_splits_in_class_order(image_folder):
+  ds = data.load_folder(image_folder)
+  assert ds.class_names == ['cat', 'dog', 'frog']
+  assert ds.train.images.shape == (36, 32, 32, 3) and ds.train.images.dtype == np.uint8
+  assert ds.test.images.shape == (12, 32, 32, 3)
+  assert sorted(set(ds.train.labels.tolist())) == [0, 1, 2]
+  # make_image_folder brightens channel c for class c: labels and pixels stay paired.
+  brightest = ds.train.images.reshape(36, -1, 3).mean(1).argmax(-1)
+  np.testing.assert_array_equal(brightest, ds.train.labels)
+
+
+def test_grayscale_jpeg_and_odd_sizes(tmp_path):
+  root = make_image_folder(tmp_path / 'gray', mode='L', ext='.jpg', size=20, per_class=(3, 2))
+  ds = data.load_folder(root)
+  assert ds.image_shape == (20, 20, 1)
+  resized = data.load_folder(root, image_size=12)
+  assert resized.image_shape == (12, 12, 1)
+
+
+def test_cache_is_written_and_reused(tmp_path, image_folder):
+  cache = tmp_path / 'cache'
+  first = data.load_folder(image_folder, cache_dir=str(cache))
+  files = os.listdir(cache)
+  assert len(files) == 1 and files[0].endswith('.npz')
+  # Touching the files changes the cache key: a changed folder gets a fresh entry.
+  for dirpath, _, names in os.walk(image_folder):
+    for n in names:
+      os.utime(os.path.join(dirpath, n), ns=(1, 1))
+  second = data.load_folder(image_folder, cache_dir=str(cache))
+  np.testing.assert_array_equal(first.train.images, second.train.images)
+  assert len(os.listdir(cache)) == 2
+
+
+def test_cache_hit_skips_decoding(tmp_path, image_folder, monkeypatch):
+  cache = str(tmp_path / 'cache')
+  data.load_folder(image_folder, cache_dir=cache)
+  monkeypatch.setattr(data, '_decode_all', lambda *a, **k: pytest.fail('decoded again'))
+  data.load_folder(image_folder, cache_dir=cache)
+
+
+def test_subset_is_seeded_and_fixed(image_folder):
+  ds = data.load_folder(image_folder)
+  a = data.take_subset(ds.train, 10, seed=0)
+  b = data.take_subset(ds.train, 10, seed=0)
+  c = data.take_subset(ds.train, 10, seed=1)
+  np.testing.assert_array_equal(a.images, b.images)
+  assert len(a.labels) == 10 and not np.array_equal(a.images, c.images)
+
+
+def test_normalization_stats():
+  images = np.stack([np.full((2, 2, 3), v, np.uint8) for v in (10, 30)])
+  assert data.normalization_stats(images, 'scale') == ([0.0] * 3, [255.0] * 3)
+  mean, std = data.normalization_stats(images, 'standardize')
+  np.testing.assert_allclose(mean, [20.0] * 3)
+  np.testing.assert_allclose(std, [10.0] * 3)
+  with pytest.raises(UserError, match='normalization'):
+    data.normalization_stats(images, 'zca')
+
+
+def test_missing_folder(tmp_path):
+  with pytest.raises(UserError, match='does not exist'):
+    data.load_dataset(f'folder:{tmp_path}/nowhere')
+
+
+def test_missing_split_and_empty_folders(tmp_path, image_folder):
+  shutil.rmtree(os.path.join(image_folder, 'test'))
+  with pytest.raises(UserError, match='has no test/ folder'):
+    data.load_folder(image_folder)
+  os.makedirs(os.path.join(image_folder, 'test'))
+  with pytest.raises(UserError, match='has no class folders'):
+    data.load_folder(image_folder)
+
+
+def test_half_copied_class_folder(image_folder):
+  d = os.path.join(image_folder, 'test', 'dog')
+  for f in os.listdir(d):
+    os.unlink(os.path.join(d, f))
+  with pytest.raises(UserError, match="holds no images"):
+    data.load_folder(image_folder)
+
+
+def test_class_folders_that_differ(image_folder):
+  os.rename(os.path.join(image_folder, 'test', 'dog'), os.path.join(image_folder, 'test', 'wolf'))
+  with pytest.raises(UserError, match=r"differ \(only in train: \['dog'\]; only in test: "
+                                      r"\['wolf'\]\)"):
+    data.load_folder(image_folder)
+
+
+def test_corrupt_image_is_named(image_folder):
+  bad = os.path.join(image_folder, 'train', 'cat', '0003.png')
+  with open(bad, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\nnot really')
+  with pytest.raises(UserError, match='0003.png'):
+    data.load_folder(image_folder)
+
+
+def test_mixed_sizes_need_image_size(tmp_path):
+  root = make_image_folder(tmp_path / 'a', per_class=(2, 2))
+  from PIL import Image
+  Image.new('RGB', (40, 40)).save(os.path.join(root, 'train', 'cat', 'big.png'))
+  with pytest.raises(UserError, match='image_size'):
+    data.load_folder(root)
+  assert data.load_folder(root, image_size=32).image_shape == (32, 32, 3)

@@ -1,0 +1,122 @@
+"""Layers: parameter counts and output shapes against the Keras formulas; depthwise forms agree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsconv_jax import layers
+
+
+def _init(module, shape):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  variables = module.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x)
+  return variables, module.apply(variables, x)
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('k,m,c,padding,stride,use_bias', [
+    (3, 1, 8, 'valid', 1, False), (3, 2, 5, 'same', 1, True), (5, 1, 4, 'same', 2, False),
+    ((3, 1), 3, 2, 'valid', 1, True)])
+def test_depthwise_params_and_shape(k, m, c, padding, stride, use_bias):
+  kh, kw = (k, k) if isinstance(k, int) else k
+  module = layers.DepthwiseConv2D(k, depth_multiplier=m, padding=padding, strides=stride,
+                                  use_bias=use_bias)
+  variables, y = _init(module, (2, 11, 11, c))
+  # Keras: kh * kw * C * m weights (+ C * m biases).
+  assert _count(variables) == kh * kw * c * m + (c * m if use_bias else 0)
+  if padding == 'same':
+    assert y.shape == (2, -(-11 // stride), -(-11 // stride), c * m)
+  else:
+    assert y.shape == (2, (11 - kh) // stride + 1, (11 - kw) // stride + 1, c * m)
+
+
+@pytest.mark.parametrize('c,f,use_bias', [(3, 32, False), (16, 10, True)])
+def test_pointwise_params(c, f, use_bias):
+  variables, y = _init(layers.PointwiseConv2D(f, use_bias=use_bias), (2, 5, 5, c))
+  assert _count(variables) == c * f + (f if use_bias else 0)
+  assert y.shape == (2, 5, 5, f)
+
+
+@pytest.mark.parametrize('c,f,m,use_bias,padding', [(3, 32, 1, False, 'same'),
+                                                     (32, 48, 1, False, 'same'),
+                                                     (8, 16, 2, True, 'valid')])
+def test_separable_params_match_keras_formula(c, f, m, use_bias, padding):
+  variables, y = _init(layers.SeparableConv2D(f, 3, depth_multiplier=m, use_bias=use_bias,
+                                              padding=padding), (2, 9, 9, c))
+  # Keras SeparableConv2D: kh*kw*Cin*m + Cin*m*F (+F); source 001's first layer: 27 + 96 = 123.
+  assert _count(variables) == 9 * c * m + c * m * f + (f if use_bias else 0)
+  assert y.shape == (2, 9, 9, f) if padding == 'same' else (2, 7, 7, f)
+
+
+def test_separable_first_layer_of_source_001_has_123_params():
+  variables, _ = _init(layers.SeparableConv2D(32, 3, padding='same', use_bias=False),
+                       (1, 32, 32, 3))
+  assert _count(variables) == 123
+
+
+def test_conv_dense_batchnorm_params():
+  v, y = _init(layers.Conv2D(48, 3, padding='same'), (1, 32, 32, 3))
+  assert _count(v) == 3 * 3 * 3 * 48 + 48 and y.shape == (1, 32, 32, 48)
+  v, y = _init(layers.Dense(512), (1, 768))
+  assert _count(v) == 768 * 512 + 512
+  v, _ = _init(layers.BatchNorm(), (2, 4, 4, 32))
+  assert _count(v['params']) == 64 and _count(v['batch_stats']) == 64
+
+
+def test_batchnorm_uses_keras_epsilon_and_momentum():
+  bn = layers.BatchNorm()
+  x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (64, 2, 2, 4)), jnp.float32)
+  v = bn.init(jax.random.key(0), x)
+  y, upd = bn.apply(v, x, train=True, mutable=['batch_stats'])
+  mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+  np.testing.assert_allclose(y, (x - mean) / jnp.sqrt(var + 1e-3), atol=1e-4)
+  np.testing.assert_allclose(upd['batch_stats']['bn']['mean'], 0.01 * mean, rtol=1e-4)
+
+
+@pytest.mark.parametrize('padding,stride,m,dilation', [('valid', 1, 1, 1), ('same', 1, 2, 1),
+                                                       ('same', 2, 1, 1), ('valid', 1, 1, 2),
+                                                       ('same', 2, 3, 1)])
+def test_depthwise_forms_agree_forward_and_gradient(padding, stride, m, dilation):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 10, 9, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, m)), jnp.float32)
+
+  def f(impl):
+    fn = lambda x, k: layers.depthwise_conv(x, k, strides=(stride, stride),
+                                            padding=padding.upper(),
+                                            dilation=(dilation, dilation), impl=impl)
+    y = fn(x, kernel)
+    loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k)))
+    return y, jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+  y_g, (gx_g, gk_g) = f('grouped')
+  y_s, (gx_s, gk_s) = f('shifted')
+  assert y_g.shape == y_s.shape
+  np.testing.assert_allclose(y_s, y_g, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx_s, gx_g, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gk_s, gk_g, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_matches_direct_formula():
+  """out[y, x, c*m + j] = sum_{dy,dx} in[y+dy, x+dx, c] * k[dy, dx, c, j] (Keras semantics)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(1, 5, 5, 2)).astype(np.float32)
+  k = rng.normal(size=(3, 3, 2, 2)).astype(np.float32)
+  expected = np.zeros((1, 3, 3, 4), np.float32)
+  for yy in range(3):
+    for xx in range(3):
+      for c in range(2):
+        for j in range(2):
+          expected[0, yy, xx, c * 2 + j] = np.sum(x[0, yy:yy + 3, xx:xx + 3, c] * k[:, :, c, j])
+  for impl in ('grouped', 'shifted'):
+    np.testing.assert_allclose(layers.depthwise_conv(jnp.asarray(x), jnp.asarray(k), impl=impl),
+                               expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_depthwise_impl_is_rejected():
+  with pytest.raises(ValueError, match='depthwise_impl'):
+    layers.resolve_depthwise_impl('fft')
