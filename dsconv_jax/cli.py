@@ -9,6 +9,7 @@ import logging
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dsconv_jax.errors import UsageError, UserError, run_cli
@@ -62,6 +63,9 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
   """Runs an absl program whose user errors end in one line, exit 1 (usage errors: exit 2)."""
 
   def wrapped(argv):
+    if not FLAGS['verbosity'].present:
+      # Orbax and JAX log every step at INFO; users see warnings and the run's own lines.
+      absl_logging.set_verbosity(absl_logging.WARNING)
     if len(argv) > 1:
       raise UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
     body(argv)

@@ -1,18 +1,8 @@
-"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+"""Training and evaluation of one run: `train_and_evaluate(config, workdir)`.
 
-The whole dataset is put in device memory once, as uint8. An epoch is one compiled call: a seeded
-permutation, then `lax.scan` over the steps, each gathering its batch on the device, preprocessing,
-augmenting and updating. Evaluation is one compiled call over the padded split with a mask, so the
-last partial batch counts. Preprocessing is one function used by both, which makes the source
-Baseline's bug (test images not preprocessed like training images) impossible.
-
-Data parallelism: all devices form a 1-D mesh with axis 'batch'; parameters are replicated and
-each step's batch is sharded over the mesh, so XLA's SPMD partitioner computes BatchNorm statistics
-and gradients over the global batch. `train_step` itself is a pure function of
-(state, images, labels, key).
-
-Randomness is derived from `config.seed` by folding in (purpose, epoch, step), never carried, so a
-run resumed from the checkpoint of epoch E draws exactly what an uninterrupted run draws.
+Loads the data, builds and checks the model, restores the newest checkpoint if there is one, runs
+the compiled epochs of `dsconv_jax.steps`, and writes the run's files (metrics.jsonl,
+summary.json, checkpoints/, TensorBoard events, curves.png).
 """
 
 from __future__ import annotations
@@ -21,15 +11,12 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
-from flax.training import train_state
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import optax
 
 from dsconv_jax import analysis
 from dsconv_jax import augment as augment_lib
@@ -39,117 +26,17 @@ from dsconv_jax import fileio
 from dsconv_jax import models
 from dsconv_jax import optim
 from dsconv_jax import reporting
+from dsconv_jax import steps
 from dsconv_jax.errors import UserError
-
-# Streams of randomness folded from the seed: one purpose each.
-_INIT, _PERMUTATION, _STEP = 0, 1, 2
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-
-
-def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """uint8 images -> float32 network input; identical for training and evaluation."""
-  return (images.astype(jnp.float32) - mean) / std
-
-
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy (Keras' categorical_crossentropy on softmax outputs)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The model of `config` (name, model_kwargs, depthwise_impl) for `num_classes` outputs."""
   kwargs = dict(config.get('model_kwargs', {}) or {})
   kwargs.setdefault('num_classes', num_classes)
   if config.get('depthwise_impl') and config.model != 'baseline':
     kwargs.setdefault('depthwise_impl', config.depthwise_impl)
   return models.create_model(config.model, **kwargs)
-
-
-def create_train_state(model, key: jax.Array, image_shape, tx) -> TrainState:
-  variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
-                         train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}))
-
-
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = ()):
-  """One optimizer step on a batch of uint8 images; returns the new state and batch metrics."""
-  x = preprocess(images, mean, std)
-  if augment:
-    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
-    return cross_entropy_loss(logits, labels).mean(), (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates.get('batch_stats', state.batch_stats))
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return state, {'loss': loss, 'accuracy': accuracy}
-
-
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              mean: jax.Array, std: jax.Array) -> jax.Array:
-  """Sums of (loss, correct, count) over the masked examples of a batch."""
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          preprocess(images, mean, std), train=False)
-  loss = cross_entropy_loss(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
-
-
-def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, seed_key: jax.Array,
-                     step_fn: Callable) -> Callable:
-  """A jitted (state, images, labels, epoch) -> (state, per-step losses and accuracies)."""
-  batch_sharding = NamedSharding(mesh, P('batch'))
-
-  def train_epoch(state, images, labels, epoch):
-    perm = jax.random.permutation(
-        jax.random.fold_in(jax.random.fold_in(seed_key, _PERMUTATION), epoch), labels.shape[0])
-    batches = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-    epoch_key = jax.random.fold_in(jax.random.fold_in(seed_key, _STEP), epoch)
-
-    def body(state, xs):
-      step, idx = xs
-      x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
-      y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
-      return step_fn(state, x, y, jax.random.fold_in(epoch_key, step))
-
-    return jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
-
-  return jax.jit(train_epoch, donate_argnums=(0,))
-
-
-def make_evaluate(mesh, *, batch_size: int, step_fn: Callable) -> Callable:
-  """A jitted (state, images, labels, mask) -> {'loss', 'accuracy'} over a padded split."""
-  batch_sharding = NamedSharding(mesh, P('batch'))
-
-  def evaluate(state, images, labels, mask):
-    def body(totals, i):
-      take = lambda a: jax.lax.with_sharding_constraint(
-          jax.lax.dynamic_slice_in_dim(a, i * batch_size, batch_size), batch_sharding)
-      return totals + step_fn(state, take(images), take(labels), take(mask)), None
-
-    totals, _ = jax.lax.scan(body, jnp.zeros(3), jnp.arange(labels.shape[0] // batch_size))
-    return {'loss': totals[0] / totals[2], 'accuracy': totals[1] / totals[2]}
-
-  return jax.jit(evaluate)
-
-
-def create_mesh() -> jax.sharding.Mesh:
-  """All devices of all processes on one data-parallel axis, 'batch'.
-
-  Auto axes: the program is written for one device and XLA's SPMD partitioner splits it, with
-  `with_sharding_constraint` saying how each step's batch is laid out.
-  """
-  return jax.make_mesh((jax.device_count(),), ('batch',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -164,16 +51,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % n:
     raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
                     f'use a multiple of {n}')
-
-
-def _padded_split(split: data_lib.Split, batch_size: int):
-  n = len(split.labels)
-  total = -(-n // batch_size) * batch_size
-  pad = total - n
-  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-  labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  return images, labels, mask
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -242,12 +119,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   epoch_lr = optim.create_learning_rate_fn(config, steps_per_epoch)
   tx = optim.create_optimizer(config, optim.step_schedule(epoch_lr, steps_per_epoch))
 
-  mesh = create_mesh()
+  mesh = steps.create_mesh()
   replicated = NamedSharding(mesh, P())
   seed_key = jax.random.key(config.seed)
-  init_key = jax.random.fold_in(seed_key, _INIT)
-  state = jax.jit(functools.partial(create_train_state, model, image_shape=image_shape, tx=tx),
-                  out_shardings=replicated)(init_key)
+  init_key = jax.random.fold_in(seed_key, steps.INIT)
+  state = jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
+                                    tx=tx), out_shardings=replicated)(init_key)
 
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)
@@ -272,13 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mean_d, std_d = put(np.asarray(mean, np.float32)), put(np.asarray(std, np.float32))
   train_images, train_labels = put(train.images), put(train.labels)
   augment = augment_lib.parse(config.augment)
-  step_fn = functools.partial(train_step, mean=mean_d, std=std_d, augment=augment)
-  train_epoch = make_train_epoch(mesh, steps_per_epoch=steps_per_epoch,
+  step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment)
+  train_epoch = steps.make_train_epoch(mesh, steps_per_epoch=steps_per_epoch,
                                  batch_size=config.batch_size, seed_key=seed_key, step_fn=step_fn)
   eval_batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
-  evaluate = make_evaluate(mesh, batch_size=eval_batch,
-                           step_fn=functools.partial(eval_step, mean=mean_d, std=std_d))
-  val_arrays = tuple(put(a) for a in _padded_split(val, eval_batch))
+  evaluate = steps.make_evaluate(mesh, batch_size=eval_batch,
+                           step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d))
+  val_arrays = tuple(put(a) for a in steps.padded_split(val, eval_batch))
 
   writer = None
   if is_writer:
@@ -325,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not config.eval_examples:
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
-    test_arrays = tuple(put(a) for a in _padded_split(dataset.test, eval_batch))
+    test_arrays = tuple(put(a) for a in steps.padded_split(dataset.test, eval_batch))
     test_accuracy = float(jax.device_get(evaluate(state, *test_arrays))['accuracy'])
 
   best = max(history, key=lambda r: r['val_accuracy'])

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import flax.linen as nn
-import jax
 import pytest
 
 from dsconv_jax import analysis, layers, models

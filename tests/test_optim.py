@@ -1,7 +1,6 @@
 """The learning-rate schedule and Keras' Adam, against the sources' logs and Keras' formula."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 

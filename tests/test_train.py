@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsconv_jax import data, train
+from dsconv_jax import data, steps, train
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -109,20 +109,20 @@ def test_evaluation_counts_the_last_partial_batch(image_folder):
   config = config_for(image_folder)
   model = train.create_model(config, ds.num_classes)
   import optax
-  state = train.create_train_state(model, jax.random.key(3), ds.image_shape, optax.sgd(0.1))
-  mesh = train.create_mesh()
+  state = steps.create_train_state(model, jax.random.key(3), ds.image_shape, optax.sgd(0.1))
+  mesh = steps.create_mesh()
   mean, std = jnp.zeros(3), jnp.full(3, 255.0)
   import functools
-  evaluate = train.make_evaluate(
-      mesh, batch_size=5, step_fn=functools.partial(train.eval_step, mean=mean, std=std))
-  images, labels, mask = train._padded_split(ds.test, 5)  # 15 rows, 3 of them padding
+  evaluate = steps.make_evaluate(
+      mesh, batch_size=5, step_fn=functools.partial(steps.eval_step, mean=mean, std=std))
+  images, labels, mask = steps.padded_split(ds.test, 5)  # 15 rows, 3 of them padding
   assert images.shape[0] == 15 and mask.sum() == 12
   got = evaluate(state, images, labels, mask)
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       train.preprocess(ds.test.images, mean, std))
+                       steps.preprocess(ds.test.images, mean, std))
   np.testing.assert_allclose(got['accuracy'], np.mean(np.argmax(logits, -1) == ds.test.labels),
                              rtol=1e-6)
-  loss = train.cross_entropy_loss(logits, ds.test.labels).mean()
+  loss = steps.cross_entropy_loss(logits, ds.test.labels).mean()
   np.testing.assert_allclose(got['loss'], loss, rtol=1e-5)
 
 
