@@ -3,16 +3,24 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a save killed
 halfway is never listed as a step. A checkpoint that is listed but cannot be read (a damaged disk,
 a file truncated by hand) makes `restore_latest` warn and fall back to the previous one; two are
-kept for that reason.
+kept for that reason. The damaged one is moved aside to `DIR.damaged/` (not deleted: a read error
+may be transient) so that the epoch can be saved again. When no checkpoint at all can be restored,
+the folder most likely belongs to another model, and nothing is moved: that is an error.
+
+A full disk or an unwritable folder while saving is a `UserError`, whether the save itself fails
+or its background write does (which surfaces at the next save, `wait` or `close`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from dsconv_jax.errors import UserError
@@ -25,6 +33,8 @@ class Checkpoints:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         create=True,
+        # A save killed halfway leaves `<epoch>.orbax-checkpoint-tmp`; remove it quietly at start.
+        cleanup_tmp_directories=True,
         preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, keep)),
         enable_async_checkpointing=True)
     try:
@@ -35,30 +45,65 @@ class Checkpoints:
   def epochs(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  @contextlib.contextmanager
+  def _write_errors(self, what: str) -> Iterator[None]:
+    try:
+      yield
+    except OSError as e:
+      raise UserError(f'cannot save {what} in {self.directory!r} ({e.strerror or e}); free '
+                      'disk space or choose another --workdir, then run the same command') from None
+
   def save(self, epoch: int, state: Any) -> None:
     """Starts saving `state` as epoch `epoch`; the device-to-host copy finishes before returning."""
-    try:
+    with self._write_errors(f'the checkpoint of epoch {epoch}'):
       self.manager.save(epoch, args=ocp.args.StandardSave(state))
-    except OSError as e:
-      raise UserError(f'cannot save the checkpoint of epoch {epoch} in {self.directory!r} '
-                      f'({e}); free disk space or choose another --workdir') from None
 
   def restore_latest(self, target: Any) -> tuple[int, Any] | None:
     """Restores the newest readable checkpoint into the structure of `target`, or None."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    damaged, first_error = [], None
     for epoch in reversed(self.epochs()):
       try:
-        return epoch, self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+        restored = self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('checkpoint of epoch %d in %s cannot be restored (%s: %s); falling back '
-                        'to the previous one', epoch, self.directory, type(e).__name__, e)
-        print(f'warning: checkpoint of epoch {epoch} is damaged ({type(e).__name__}); '
+        logging.info('checkpoint of epoch %d in %s cannot be restored (%s: %s)', epoch,
+                        self.directory, type(e).__name__, e)
+        print(f'warning: the checkpoint of epoch {epoch} cannot be read ({type(e).__name__}); '
               'falling back to the previous one', flush=True)
+        damaged.append(epoch)
+        first_error = first_error or e
+        continue
+      if damaged:
+        self._move_aside(damaged)
+      return epoch, restored
+    if damaged:
+      raise UserError(f'no checkpoint in {self.directory!r} can be restored (epochs '
+                      f'{", ".join(map(str, sorted(damaged)))}; {type(first_error).__name__}: '
+                      f'{str(first_error).splitlines()[0] if str(first_error) else ""}); they '
+                      'may belong to a different model: use a new --workdir') from None
     return None
 
+  def _move_aside(self, epochs: list[int]) -> None:
+    """Moves unreadable checkpoints to DIR.damaged/, so that their epochs can be saved again."""
+    if jax.process_index() == 0:
+      aside = self.directory + '.damaged'
+      os.makedirs(aside, exist_ok=True)
+      for epoch in epochs:
+        target = os.path.join(aside, f'{epoch}-{time.strftime("%Y%m%d-%H%M%S")}')
+        os.replace(os.path.join(self.directory, str(epoch)), target)
+        print(f'warning: moved the unreadable checkpoint of epoch {epoch} to {target}',
+              flush=True)
+    if jax.process_count() > 1:
+      # Other processes must not list a step that process 0 is moving away.
+      multihost_utils.sync_global_devices('dsconv_jax.checkpoint.move_aside')
+    self.manager.reload()
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits until the save in flight is on disk."""
+    with self._write_errors('a checkpoint'):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    with self._write_errors('a checkpoint'):
+      self.manager.wait_until_finished()
+      self.manager.close()

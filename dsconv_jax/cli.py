@@ -34,6 +34,19 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'This process\'s index, 0 .. num_processes - 1.')
 
 
+def apply_determinism(config) -> None:
+  """Asks XLA for deterministic GPU kernels when the config says so; before JAX starts."""
+  import os
+  if config.get('deterministic', False):
+    if 'jax' in sys.modules and 'jax._src.xla_bridge' in sys.modules:
+      from jax._src import xla_bridge
+      if xla_bridge.backends_are_initialized():
+        raise UserError('config.deterministic must be applied before JAX starts its backends')
+    flag = '--xla_gpu_deterministic_ops=true'
+    if flag not in os.environ.get('XLA_FLAGS', ''):
+      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+
+
 def initialize_distributed() -> None:
   """Joins the processes of a multi-host run when asked to (or on a Cloud TPU VM)."""
   import jax
@@ -41,6 +54,9 @@ def initialize_distributed() -> None:
   if any(v is not None for v in given):
     if any(v is None for v in given):
       raise UsageError('--coordinator_address, --num_processes and --process_id go together')
+    # CPU processes need a collectives implementation to talk to each other (GPUs and TPUs bring
+    # their own); gloo works over TCP on any machine.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif _on_cloud_tpu_vm():
     jax.distributed.initialize()

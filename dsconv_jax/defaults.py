@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict()
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
+  # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
+  config.fit_params = 0
 
   # Data: 'cifar10' (or another tfds name) or 'folder:/path/to/root' (ROOT/{train,test}/<class>/).
   config.dataset = 'cifar10'
@@ -47,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Keras' LearningRateScheduler; 'constant'.
   config.lr_schedule = 'inverse_time'
   config.lr_decay = 0.319
+  # Make XLA's GPU kernels deterministic (--xla_gpu_deterministic_ops): bitwise-repeatable GPU
+  # runs at some cost in speed. CPU runs are deterministic without it.
+  config.deterministic = False
   # Checkpoints kept (the newest ones); more than 1 lets a damaged newest one fall back.
   config.checkpoint_keep = 2
 

@@ -21,13 +21,32 @@ class UsageError(UserError):
   exit_code = 2
 
 
+class Stopped(Exception):
+  """A run that stopped cleanly on a signal after saving; exit status 128 + the signal number.
+
+  Not a `UserError`: nothing is wrong, so the message is printed without an 'error:' prefix, and
+  the exit status is the one a shell reports for a process ended by that signal, so that job
+  schedulers and scripts see the run as interrupted, not failed.
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + signum
+
+
 def run_cli(fn: Callable[[], object]) -> None:
-  """Runs `fn`, turning `UserError` into `error: MESSAGE` on stderr and its exit status."""
+  """Runs `fn`, turning `UserError` into `error: MESSAGE` on stderr and its exit status.
+
+  `Stopped` prints its message and exits with its status (128 + the signal number).
+  """
   try:
     fn()
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(getattr(e, 'exit_code', 1))
+  except Stopped as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr, flush=True)
     sys.exit(130)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from typing import Any, Iterator
 
 import numpy as np
@@ -16,7 +16,7 @@ def atomic_open(path: str, mode: str = 'w') -> Iterator[Any]:
   """Yields a file that replaces `path` only once it is completely written and flushed."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  fd, tmp = _create_temporary(folder, os.path.basename(path))
   try:
     with os.fdopen(fd, mode) as f:
       yield f
@@ -27,6 +27,31 @@ def atomic_open(path: str, mode: str = 'w') -> Iterator[Any]:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
+  _fsync_folder(folder)
+
+
+def _create_temporary(folder: str, name: str) -> tuple[int, str]:
+  """A new hidden file next to `name`, created with the umask's permissions.
+
+  Not `tempfile.mkstemp`: its files are 0600, which a rename would carry over to summaries and
+  curves that the user's teammates should be able to read.
+  """
+  while True:
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    try:
+      return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    except FileExistsError:
+      continue
+
+
+def _fsync_folder(folder: str) -> None:
+  """Makes a rename in `folder` survive a power cut, not only a killed process."""
+  with contextlib.suppress(OSError):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def atomic_write_text(path: str, text: str) -> None:

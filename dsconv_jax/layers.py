@@ -19,7 +19,9 @@ kh*kw shifted, scaled copies of the input. XLA's CPU backend runs the shifted fo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -204,6 +206,25 @@ class Dense(Layer):
                     bias_init=zeros, name='dense')(x)
 
 
+_BATCH_NORM_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'batch_norm_axis', default=None)
+
+
+@contextlib.contextmanager
+def batch_norm_axis(axis_name: str | None) -> Iterator[None]:
+  """Within this context (at trace time), BatchNorm averages its statistics over `axis_name`.
+
+  Only needed under `jax.pmap`/`shard_map`, where each device sees its slice of the batch; under
+  jit with a sharded batch (the default path) XLA already computes global-batch statistics.
+  A context rather than a model field keeps every model's definition free of parallelism.
+  """
+  token = _BATCH_NORM_AXIS.set(axis_name)
+  try:
+    yield
+  finally:
+    _BATCH_NORM_AXIS.reset(token)
+
+
 class BatchNorm(Layer):
   """Keras `BatchNormalization` (momentum 0.99, epsilon 1e-3).
 
@@ -217,7 +238,7 @@ class BatchNorm(Layer):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                         epsilon=self.epsilon, dtype=x.dtype, param_dtype=jnp.float32,
-                        name='bn')(x)
+                        axis_name=_BATCH_NORM_AXIS.get() if train else None, name='bn')(x)
 
 
 class Dropout(Layer):

@@ -18,6 +18,7 @@ def run(argv) -> None:
   config = cli.get_config()
   if not FLAGS.workdir:
     raise cli.UsageError('--workdir=DIR is required (where the run writes its files)')
+  cli.apply_determinism(config)
   cli.initialize_distributed()
   from dsconv_jax import train  # Imported late: JAX starts only after the flags are valid.
   train.train_and_evaluate(config, FLAGS.workdir)

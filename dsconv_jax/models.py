@@ -17,6 +17,16 @@ from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseCo
                                Flatten, GlobalAvgPool, MaxPool2D, PointwiseConv2D, SeparableConv2D)
 
 
+def scale_width(width: int, multiplier: float) -> int:
+  """A hidden width times a model's `width_multiplier`: rounded, at least 1.
+
+  A model family that declares a `width_multiplier: float = 1.0` field and scales every hidden
+  width (never `num_classes`) with this can be fitted to a parameter budget
+  (`config.fit_params`, `dsconv_jax.budget`).
+  """
+  return max(1, int(round(width * multiplier)))
+
+
 class DepthwisePointwiseNet(nn.Module):
   """Source 000's Model 2/3/4: DepthwiseConv2D + 1x1 Conv2D blocks, ReLU, BN, dropout, GAP.
 
@@ -24,14 +34,17 @@ class DepthwisePointwiseNet(nn.Module):
   depthwise 3x3 -> pointwise 1x1 -> ReLU -> BatchNorm -> Dropout, all without biases; the first
   block pads 'same', the others 'valid'. Output sizes 32, 30, 28, pool 14, 12, 10, 8, pool 4, 2.
   `dropout_rates` are the rates of the three stages (Model 3: 0.1, 0.2, 0.25).
+  `width_multiplier` scales every hidden width (`scale_width`); 1.0 is the source network.
   """
   num_classes: int = 10
   dropout_rates: Sequence[float] = (0.1, 0.2, 0.25)
   depthwise_impl: str = 'auto'
+  width_multiplier: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     d1, d2, d3 = self.dropout_rates
+    w32, w64, w128 = (scale_width(w, self.width_multiplier) for w in (32, 64, 128))
 
     def block(x, features, rate, padding='valid'):
       x = DepthwiseConv2D(3, padding=padding, use_bias=False, impl=self.depthwise_impl)(x, train)
@@ -40,17 +53,17 @@ class DepthwisePointwiseNet(nn.Module):
       x = BatchNorm()(x, train)
       return Dropout(rate)(x, train)
 
-    x = block(x, 32, d1, padding='same')
-    x = block(x, 64, d1)
-    x = block(x, 128, d1)
+    x = block(x, w32, d1, padding='same')
+    x = block(x, w64, d1)
+    x = block(x, w128, d1)
     x = MaxPool2D(2)(x, train)
-    x = PointwiseConv2D(32, use_bias=False)(x, train)
-    x = block(x, 32, d2)
-    x = block(x, 64, d2)
-    x = block(x, 128, d2)
+    x = PointwiseConv2D(w32, use_bias=False)(x, train)
+    x = block(x, w32, d2)
+    x = block(x, w64, d2)
+    x = block(x, w128, d2)
     x = MaxPool2D(2)(x, train)
-    x = PointwiseConv2D(32, use_bias=False)(x, train)
-    x = block(x, 32, d3)
+    x = PointwiseConv2D(w32, use_bias=False)(x, train)
+    x = block(x, w32, d3)
     x = PointwiseConv2D(self.num_classes, use_bias=False)(x, train)
     return GlobalAvgPool()(x, train)
 
@@ -60,15 +73,17 @@ class Separable80k(nn.Module):
 
   80,203 parameters (78,891 trainable). Widths 32-48-96, pool, 128-160, pool, 192 (valid),
   num_classes (valid); the last separable convolution has no BN or activation.
+  `width_multiplier` scales every hidden width (`scale_width`); 1.0 is the source network.
   """
   num_classes: int = 10
   widths: Sequence[int] = (32, 48, 96, 128, 160, 192)
   dropout_rate: float = 0.07
   depthwise_impl: str = 'auto'
+  width_multiplier: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    w = self.widths
+    w = [scale_width(v, self.width_multiplier) for v in self.widths]
 
     def block(x, features, padding='same'):
       x = SeparableConv2D(features, 3, padding=padding, use_bias=False,
@@ -119,6 +134,7 @@ class TinyNet(nn.Module):
   """A tiny depthwise-separable net, used for testing only (fast to compile on a CPU)."""
   num_classes: int = 10
   width: int = 8
+  dropout_rate: float = 0.1
   depthwise_impl: str = 'auto'
 
   @nn.compact
@@ -127,7 +143,7 @@ class TinyNet(nn.Module):
     x = PointwiseConv2D(self.width, use_bias=False)(x, train)
     x = Activation('relu')(x, train)
     x = BatchNorm()(x, train)
-    x = Dropout(0.1)(x, train)
+    x = Dropout(self.dropout_rate)(x, train)
     x = MaxPool2D(2)(x, train)
     x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
                         impl=self.depthwise_impl)(x, train)

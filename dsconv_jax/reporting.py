@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from typing import Any, Sequence
+import sys
+from typing import Any, Sequence, TextIO
 
 import jax
 
@@ -27,21 +28,90 @@ def versions() -> dict[str, str]:
   return out
 
 
-def format_epoch(row: dict[str, Any], num_epochs: int) -> str:
-  return (f'epoch {row["epoch"]:>3}/{num_epochs}  lr {row["learning_rate"]:.6g}  '
+def format_epoch(row: dict[str, Any], num_epochs: int, eta_seconds: float | None = None) -> str:
+  """One finished epoch as one line: rate, losses (train: mean over the epoch), speed, ETA."""
+  line = (f'epoch {row["epoch"]:>3}/{num_epochs}  lr {row["learning_rate"]:.6g}  '
           f'train loss {row["train_loss"]:.4f} acc {100 * row["train_accuracy"]:.2f}%  '
           f'val loss {row["val_loss"]:.4f} acc {100 * row["val_accuracy"]:.2f}%  '
           f'{row["epoch_seconds"]:.1f} s  {row["train_images_per_second"]:,.0f} img/s')
+  if eta_seconds is not None and row['epoch'] < num_epochs:
+    line += f'  ETA {format_duration(eta_seconds)}'
+  return line
+
+
+def format_duration(seconds: float) -> str:
+  """e.g. '42s', '3m05s', '1h02m'."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  if seconds < 3600:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+
+
+class Progress:
+  """Per-epoch progress on stdout.
+
+  Each finished epoch prints one permanent line (`format_epoch`, with an ETA from this process's
+  epoch times). On a terminal, a transient line also says which epoch is running, overwritten by
+  that epoch's line; it is left out when stdout is a file or a pipe, so logs hold only whole lines.
+  `quiet` prints nothing at all.
+
+  There is no in-epoch progress: an epoch is one compiled call (a `lax.scan` over its steps), and
+  reporting from inside it would need host callbacks in the hottest loop for epochs that take well
+  under a second on an accelerator.
+  """
+
+  def __init__(self, num_epochs: int, quiet: bool = False, stream: TextIO | None = None):
+    self.num_epochs = num_epochs
+    self.quiet = quiet
+    self.stream = stream or sys.stdout
+    self.live = not quiet and _isatty(self.stream)
+    self._seconds: list[float] = []
+
+  def start(self, epoch: int) -> None:
+    if self.live:
+      last = f', last epoch {self._seconds[-1]:.1f} s' if self._seconds else ''
+      self.stream.write(f'\repoch {epoch:>3}/{self.num_epochs}  training ...{last}\x1b[K')
+      self.stream.flush()
+
+  def end(self, row: dict[str, Any]) -> None:
+    self._seconds.append(row['epoch_seconds'])
+    if self.quiet:
+      return
+    # The first epoch of a process includes one-off work (warm-up, evaluation's compile).
+    recent = self._seconds[1:] or self._seconds
+    eta = sum(recent) / len(recent) * (self.num_epochs - row['epoch'])
+    prefix = '\r\x1b[K' if self.live else ''
+    self.stream.write(prefix + format_epoch(row, self.num_epochs, eta) + '\n')
+    self.stream.flush()
+
+  def clear(self) -> None:
+    """Removes the transient line (before an error or a stop message)."""
+    if self.live:
+      self.stream.write('\r\x1b[K')
+      self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
 
 
 def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
-                title: str = '') -> None:
-  """Loss and accuracy per epoch, train (dashed) and validation (solid), one colour per run."""
+                title: str = '') -> int:
+  """Loss and accuracy per epoch, train (dashed) and validation (solid), one colour per run.
+
+  Writes a PNG to `path` atomically and returns the number of lines drawn (4 per run).
+  """
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  lines = 0
   for i, (label, rows) in enumerate(runs):
     color = f'C{i % 10}'
     epochs = [r['epoch'] for r in rows]
@@ -50,6 +120,7 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
       ax.plot(epochs, [r[f'train_{key}'] for r in rows], '--', color=color,
               label=f'{prefix}train')
       ax.plot(epochs, [r[f'val_{key}'] for r in rows], '-', color=color, label=f'{prefix}val')
+      lines += 2
   ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
   ax_acc.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
   for ax in (ax_loss, ax_acc):
@@ -61,3 +132,4 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
   with fileio.atomic_open(path, 'wb') as f:
     fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
+  return lines

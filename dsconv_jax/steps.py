@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from dsconv_jax import augment as augment_lib
+from dsconv_jax import layers
 
 # Streams of randomness folded from the seed: one purpose each.
 INIT, PERMUTATION, STEP = 0, 1, 2
@@ -54,23 +55,34 @@ def create_train_state(model, key: jax.Array, image_shape, tx) -> TrainState:
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = ()):
-  """One optimizer step on a batch of uint8 images; returns the new state and batch metrics."""
+               mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
+               axis_name: str | None = None):
+  """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
+
+  A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
+  Under `jax.pmap(..., axis_name=A)` pass `axis_name=A`: each device then holds a slice of the
+  batch, and BatchNorm statistics, gradients and metrics are averaged over A, so the update is the
+  global batch's (with equal slices). Randomness is per call: under pmap, fold the device index
+  into `key` when dropout or augmentation should differ between devices.
+  """
   x = preprocess(images, mean, std)
   if augment:
     x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
 
   def loss_fn(params):
-    logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+    with layers.batch_norm_axis(axis_name):
+      logits, updates = state.apply_fn(
+          {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+          rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
     return cross_entropy_loss(logits, labels).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+  if axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   state = state.apply_gradients(grads=grads,
                                 batch_stats=updates.get('batch_stats', state.batch_stats))
-  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-  return state, {'loss': loss, 'accuracy': accuracy}
+  return state, metrics
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
@@ -83,14 +95,19 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
   return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
 
 
-def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, seed_key: jax.Array,
-                     step_fn: Callable) -> Callable:
-  """A jitted (state, images, labels, epoch) -> (state, per-step losses and accuracies)."""
+def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, num_examples: int,
+                     seed_key: jax.Array, step_fn: Callable) -> Callable:
+  """A jitted (state, images, labels, epoch) -> (state, per-step losses and accuracies).
+
+  `images` and `labels` hold the training split on the devices (rows beyond `num_examples` are
+  padding, never drawn); each epoch draws a permutation of the `num_examples` rows.
+  """
   batch_sharding = NamedSharding(mesh, P('batch'))
+  replicated = NamedSharding(mesh, P())
 
   def train_epoch(state, images, labels, epoch):
     perm = jax.random.permutation(
-        jax.random.fold_in(jax.random.fold_in(seed_key, PERMUTATION), epoch), labels.shape[0])
+        jax.random.fold_in(jax.random.fold_in(seed_key, PERMUTATION), epoch), num_examples)
     batches = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     epoch_key = jax.random.fold_in(jax.random.fold_in(seed_key, STEP), epoch)
 
@@ -100,7 +117,8 @@ def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, seed_key: j
       y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
       return step_fn(state, x, y, jax.random.fold_in(epoch_key, step))
 
-    return jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
+    state, metrics = jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
+    return state, jax.lax.with_sharding_constraint(metrics, replicated)
 
   return jax.jit(train_epoch, donate_argnums=(0,))
 
@@ -116,27 +134,57 @@ def make_evaluate(mesh, *, batch_size: int, step_fn: Callable) -> Callable:
       return totals + step_fn(state, take(images), take(labels), take(mask)), None
 
     totals, _ = jax.lax.scan(body, jnp.zeros(3), jnp.arange(labels.shape[0] // batch_size))
-    return {'loss': totals[0] / totals[2], 'accuracy': totals[1] / totals[2]}
+    return jax.lax.with_sharding_constraint(
+        {'loss': totals[0] / totals[2], 'accuracy': totals[1] / totals[2]},
+        NamedSharding(mesh, P()))
 
   return jax.jit(evaluate)
 
 
-def create_mesh() -> jax.sharding.Mesh:
-  """All devices of all processes on one data-parallel axis, 'batch'.
+def create_mesh(devices=None) -> jax.sharding.Mesh:
+  """`devices` (default: all devices of all processes) on one data-parallel axis, 'batch'.
 
   Auto axes: the program is written for one device and XLA's SPMD partitioner splits it, with
   `with_sharding_constraint` saying how each step's batch is laid out.
   """
-  return jax.make_mesh((jax.device_count(),), ('batch',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.asarray(devices), ('batch',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def put_replicated(mesh, array) -> jax.Array:
+  """A host array as a global array replicated on every device of `mesh` (any process count)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()),
+                                      lambda index: array[index])
+
+
+def put_sharded_rows(mesh, array) -> jax.Array:
+  """A host array as a global array whose rows are split over the mesh's 'batch' axis.
+
+  Each process transfers only the rows of its own devices (the callback is asked only for
+  addressable shards), so a host never copies the other hosts' part of the data to a device.
+  The row count must divide by the mesh size (see `pad_rows`).
+  """
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P('batch')),
+                                      lambda index: array[index])
+
+
+def pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+  """`array` with zero rows appended up to a multiple of `multiple`."""
+  pad = -len(array) % multiple
+  if not pad:
+    return array
+  return np.concatenate([array, np.zeros((pad, *array.shape[1:]), array.dtype)])
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+  """The value of a replicated global array on this host (also when it spans other hosts)."""
+  return np.asarray(x.addressable_data(0)) if not x.is_fully_addressable else np.asarray(x)
 
 
 def padded_split(split, batch_size: int):
   """(images, labels, mask) of a data split padded with masked zeros to a multiple of batch_size."""
-  n = len(split.labels)
-  total = -(-n // batch_size) * batch_size
-  pad = total - n
-  images = np.concatenate([split.images, np.zeros((pad, *split.images.shape[1:]), np.uint8)])
-  labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  return images, labels, mask
+  mask = np.ones(len(split.labels), np.float32)
+  return tuple(pad_rows(a, batch_size) for a in (split.images, split.labels, mask))

@@ -1,8 +1,11 @@
 """Shows a model before training: `python -m dsconv_jax.summary --config=configs/model3.py [--json]`.
 
-Per layer: output size, parameters, receptive field and jump, computed from the real module
-(`dsconv_jax.analysis`); Keras-style totals; and the configured constraints, each violation with
-its reason. Exits 1, with the reasons on stderr, when a constraint is violated.
+Per layer: output size, parameters, multiply-accumulates and activation size per image, receptive
+field and jump, computed from the real module (`dsconv_jax.analysis`); Keras-style totals; advice on
+the output's receptive field against the image (advice only: it never fails the command); with
+`--config.fit_params=N`, the width multiplier chosen for that budget (`dsconv_jax.budget`); and the
+configured constraints, each violation with its reason. Exits 1, with the reasons on stderr, when a
+constraint is violated.
 """
 
 from __future__ import annotations
@@ -36,14 +39,18 @@ def input_shape(config) -> tuple[int, int, int]:
 def run(argv) -> None:
   del argv
   config = cli.get_config()
-  from dsconv_jax import analysis, train
-  model = train.create_model(config, FLAGS.num_classes)
+  from dsconv_jax import analysis, budget, train
   shape = input_shape(config)
+  config, width = budget.resolve_width(config, shape, FLAGS.num_classes)
+  model = train.create_model(config, FLAGS.num_classes)
   report = analysis.analyze_model(model, shape, config.constraints)
   if FLAGS.json:
-    print(json.dumps({'model': config.model, **report.to_json()}, indent=2))
+    print(json.dumps({'model': config.model, 'width_multiplier': width['width_multiplier'],
+                      'fit_params': width['fit_params'], **report.to_json()}, indent=2))
   else:
     print(analysis.format_table(report, f'{config.model} on {shape[0]}x{shape[1]}x{shape[2]}'))
+    if width['fit_params']:
+      print(budget.describe(width))
     if not report.violations:
       print('Constraints: all hold.')
   if report.violations:

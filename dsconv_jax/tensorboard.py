@@ -4,9 +4,15 @@ An event file is a TFRecord stream: each record is a little-endian uint64 length
 of those 8 bytes, the payload, and the masked CRC32C of the payload. Each payload is a serialized
 `tensorflow.Event` protobuf. Only a handful of fields are needed, so they are encoded by hand rather
 than pulling in protobuf and the TensorFlow schemas:
-  Event{double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5}
+  Event{double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+        SessionLog session_log = 7}
   Summary{repeated Value value = 1}
   Value{string tag = 1; float simple_value = 2}
+  SessionLog{SessionStatus status = 1}, START = 1
+
+A resumed run writes a new file that starts with a SessionLog START event at its first step:
+TensorBoard then drops the points of that step and later ones read before it (the ones a killed
+run wrote past its last checkpoint), and so does `read_scalars`.
 """
 
 from __future__ import annotations
@@ -65,11 +71,16 @@ def _length_delimited(number: int, data: bytes) -> bytes:
   return _key(number, 2) + _varint(len(data)) + data
 
 
+_SESSION_START = 1
+
+
 def _event(step: int, *, file_version: bytes = b'',
-           values: dict[str, float] | None = None) -> bytes:
+           values: dict[str, float] | None = None, session_start: bool = False) -> bytes:
   out = _key(1, 1) + struct.pack('<d', time.time()) + _key(2, 0) + _varint(int(step))
   if file_version:
     out += _length_delimited(3, file_version)
+  if session_start:
+    out += _length_delimited(7, _key(1, 0) + _varint(_SESSION_START))
   if values:
     summary = b''.join(
         _length_delimited(1, _length_delimited(1, tag.encode('utf-8')) + _key(2, 5) +
@@ -101,6 +112,11 @@ class EventWriter:
     header = struct.pack('<Q', len(payload))
     self._file.write(header + struct.pack('<I', _masked_crc32c(header)) + payload +
                      struct.pack('<I', _masked_crc32c(payload)))
+
+  def session_start(self, step: int) -> None:
+    """Marks a (re)start at `step`: readers drop the points at `step` and later read before it."""
+    self._write(_event(step, session_start=True))
+    self.flush()
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     self.scalars({tag: value}, step)
@@ -181,8 +197,10 @@ def read_scalars(path_or_logdir: str | os.PathLike) -> dict[str, list[tuple[int,
   """Returns {tag: [(step, value), ...]} from one event file or every event file in a directory.
 
   Files of a directory are read in name order, which is creation order for EventWriter's names, so a
-  resumed run's points follow the earlier ones. Non-scalar summaries are skipped. Raises ValueError
-  on a CRC mismatch or a malformed record; a record cut short at the end of a file is ignored.
+  resumed run's points follow the earlier ones. A SessionLog START event at step S drops the points
+  read so far at steps >= S, as TensorBoard does, so a resumed run has no duplicated steps.
+  Non-scalar summaries are skipped. Raises ValueError on a CRC mismatch or a malformed record; a
+  record cut short at the end of a file is ignored.
   """
   path = os.fspath(path_or_logdir)
   if os.path.isdir(path):
@@ -194,15 +212,20 @@ def read_scalars(path_or_logdir: str | os.PathLike) -> dict[str, list[tuple[int,
     with open(file_path, 'rb') as f:
       data = f.read()
     for record in _records(data, file_path):
-      step, points = 0, []
+      step, points, restart = 0, [], False
       for number, wire_type, value in _fields(record):
         if number == 2 and wire_type == 0:
           step = value - (1 << 64) if value >> 63 else value  # back from two's complement
+        elif number == 7 and wire_type == 2:
+          restart = any((n, w, v) == (1, 0, _SESSION_START) for n, w, v in _fields(value))
         elif number == 5 and wire_type == 2:
           for encoded in (v for n, w, v in _fields(value) if (n, w) == (1, 2)):
             fields = {n: v for n, w, v in _fields(encoded) if (n, w) in ((1, 2), (2, 5))}
             if 2 in fields:
               points.append((fields.get(1, b'').decode('utf-8'), struct.unpack('<f', fields[2])[0]))
+      if restart:
+        scalars = {tag: kept for tag, series in scalars.items()
+                   if (kept := [(s, v) for s, v in series if s < step])}
       for tag, value in points:
         scalars.setdefault(tag, []).append((step, value))
   return scalars

@@ -20,6 +20,7 @@ import numpy as np
 
 from dsconv_jax import analysis
 from dsconv_jax import augment as augment_lib
+from dsconv_jax import budget
 from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import data as data_lib
 from dsconv_jax import fileio
@@ -56,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write-test-{os.getpid()}')
+    probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
     with open(probe, 'w') as f:
       f.write('ok')
     os.unlink(probe)
@@ -100,10 +101,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f'{len(train.labels)} training examples')
   image_shape = dataset.image_shape
 
+  config, width = budget.resolve_width(config, image_shape, dataset.num_classes)
   model = create_model(config, dataset.num_classes)
   report = analysis.analyze_model(model, image_shape, config.constraints)
-  print(analysis.format_table(report, f'{config.model} on {image_shape[0]}x{image_shape[1]}x'
-                              f'{image_shape[2]} ({dataset.source})'), flush=True)
+  if is_writer:
+    print(analysis.format_table(report, f'{config.model} on {image_shape[0]}x{image_shape[1]}x'
+                                f'{image_shape[2]} ({dataset.source})'), flush=True)
+    if width['fit_params']:
+      print(budget.describe(width), flush=True)
   if report.violations:
     raise UserError(f'model {config.model!r} violates the configured constraints: '
                     + '; '.join(report.violations))
@@ -145,17 +150,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     fileio.atomic_write_text(metrics_path, ''.join(json.dumps(r, sort_keys=True) + '\n'
                                                    for r in history))
 
-  put = lambda a: jax.device_put(a, replicated)
-  mean_d, std_d = put(np.asarray(mean, np.float32)), put(np.asarray(std, np.float32))
-  train_images, train_labels = put(train.images), put(train.labels)
+  # The data lives on the devices, rows split over the mesh; each process transfers its part.
+  n_dev = mesh.size
+  mean_d = steps.put_replicated(mesh, np.asarray(mean, np.float32))
+  std_d = steps.put_replicated(mesh, np.asarray(std, np.float32))
+  train_images = steps.put_sharded_rows(mesh, steps.pad_rows(train.images, n_dev))
+  train_labels = steps.put_sharded_rows(mesh, steps.pad_rows(train.labels, n_dev))
   augment = augment_lib.parse(config.augment)
   step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment)
-  train_epoch = steps.make_train_epoch(mesh, steps_per_epoch=steps_per_epoch,
-                                 batch_size=config.batch_size, seed_key=seed_key, step_fn=step_fn)
-  eval_batch = -(-config.eval_batch_size // jax.device_count()) * jax.device_count()
-  evaluate = steps.make_evaluate(mesh, batch_size=eval_batch,
-                           step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d))
-  val_arrays = tuple(put(a) for a in steps.padded_split(val, eval_batch))
+  train_epoch = steps.make_train_epoch(
+      mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
+      num_examples=len(train.labels), seed_key=seed_key, step_fn=step_fn)
+  eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
+  evaluate = steps.make_evaluate(
+      mesh, batch_size=eval_batch,
+      step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d))
+  put_split = lambda split: tuple(steps.put_sharded_rows(mesh, a)
+                                  for a in steps.padded_split(split, eval_batch))
+  val_arrays = put_split(val)
 
   writer = None
   if is_writer:
@@ -170,21 +182,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for epoch in range(start_epoch + 1, config.num_epochs + 1):
     t0 = time.perf_counter()
     state, step_metrics = compiled_epoch(state, train_images, train_labels, np.int32(epoch))
-    losses = np.asarray(step_metrics['loss'])
+    losses = steps.host_value(step_metrics['loss'])
     train_time = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
       bad = int(np.argmin(np.isfinite(losses)))
       raise UserError(f'training diverged: the loss is {losses[bad]} at epoch {epoch}, step '
                       f'{bad + 1}; the checkpoint of epoch {epoch - 1} is kept. Lower '
                       'config.learning_rate')
-    val_metrics = jax.device_get(evaluate(state, *val_arrays))
+    val_metrics = {k: steps.host_value(v) for k, v in evaluate(state, *val_arrays).items()}
     epoch_seconds = time.perf_counter() - t0
     train_seconds += epoch_seconds
     row = {
         'epoch': epoch,
         'learning_rate': float(epoch_lr(epoch)),
         'train_loss': float(losses.mean()),
-        'train_accuracy': float(np.asarray(step_metrics['accuracy']).mean()),
+        'train_accuracy': float(steps.host_value(step_metrics['accuracy']).mean()),
         'val_loss': float(val_metrics['loss']),
         'val_accuracy': float(val_metrics['accuracy']),
         'epoch_seconds': epoch_seconds,
@@ -195,15 +207,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_writer:
       fileio.append_jsonl(metrics_path, row)
       writer.scalars({k: v for k, v in row.items() if k != 'epoch'}, epoch)
-    print(reporting.format_epoch(row, config.num_epochs), flush=True)
+    if is_writer:
+      print(reporting.format_epoch(row, config.num_epochs), flush=True)
     checkpoints.save(epoch, state)
   checkpoints.close()
 
   if not config.eval_examples:
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
-    test_arrays = tuple(put(a) for a in steps.padded_split(dataset.test, eval_batch))
-    test_accuracy = float(jax.device_get(evaluate(state, *test_arrays))['accuracy'])
+    test_accuracy = float(steps.host_value(evaluate(state, *put_split(dataset.test))['accuracy']))
 
   best = max(history, key=lambda r: r['val_accuracy'])
   summary = {
@@ -212,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'params_total': report.params_total,
       'params_trainable': report.params_trainable,
       'params_non_trainable': report.params_non_trainable,
+      'width_multiplier': width['width_multiplier'],
+      'fit_params': width['fit_params'],
       'max_val_accuracy': best['val_accuracy'],
       'best_epoch': best['epoch'],
       'final_val_accuracy': history[-1]['val_accuracy'],
@@ -235,6 +249,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
                           title=f'{config.model} ({dataset.source})')
     writer.close()
-  print(f'max val accuracy {100 * best["val_accuracy"]:.2f}% (epoch {best["epoch"]}), test '
-        f'accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s of training', flush=True)
+    print(f'max val accuracy {100 * best["val_accuracy"]:.2f}% (epoch {best["epoch"]}), test '
+          f'accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s of training', flush=True)
   return summary

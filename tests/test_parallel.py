@@ -1,0 +1,122 @@
+"""Data parallelism and determinism: one device, 4 simulated devices, pmap, and 2 processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dsconv_jax import train
+from dsconv_jax.defaults import get_testing_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMINGS = {'epoch_seconds', 'train_seconds', 'train_images_per_second'}
+
+
+def _env(devices=1):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMINGS} for l in f]
+
+
+def _assert_close(rows_a, rows_b, tol=1e-5):
+  assert [r['epoch'] for r in rows_a] == [r['epoch'] for r in rows_b]
+  for a, b in zip(rows_a, rows_b):
+    for key in a:
+      assert a[key] == pytest.approx(b[key], abs=tol), (key, a, b)
+
+
+def test_pmap_and_sharded_jit_match_one_device():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'parallel_worker.py')],
+                       env=_env(4), capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.split('RESULT ', 1)[1])
+  for form in ('spmd_dropout0.0', 'spmd_dropout0.3', 'pmap'):
+    assert result[form]['loss_diff'] < 1e-5, (form, result[form])
+    assert result[form]['param_diff'] < 1e-5, (form, result[form])
+  assert result['pmap']['replicas_agree'] == 0.0
+  # The runs really trained (losses move) and dropout changed them.
+  assert result['losses_dropout0.0'][0] != result['losses_dropout0.0'][-1]
+  assert result['losses_dropout0.0'] != result['losses_dropout0.3']
+  assert 'does not divide over the 4 devices' in result['indivisible_batch_error']
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  from conftest import make_image_folder
+  return make_image_folder(tmp_path_factory.mktemp('parallel') / 'images', per_class=(16, 6))
+
+
+def _main(folder, workdir, env, *extra):
+  args = [sys.executable, '-m', 'dsconv_jax.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.dataset=folder:{folder}', '--config.num_epochs=2',
+          '--config.cache_dir=', *extra]
+  return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  return stdout
+
+
+@pytest.fixture(scope='module')
+def one_device_run(folder, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one') / 'run')
+  _finish(_main(folder, workdir, _env(1)))
+  return _metrics(workdir)
+
+
+def test_four_devices_match_one_device(folder, one_device_run, tmp_path):
+  _finish(_main(folder, tmp_path / 'run', _env(4)))
+  _assert_close(_metrics(tmp_path / 'run'), one_device_run)
+
+
+def test_two_processes_match_one_process(folder, one_device_run, tmp_path):
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+  procs = [_main(folder, workdir, _env(1), f'--coordinator_address=127.0.0.1:{port}',
+                 '--num_processes=2', f'--process_id={i}') for i in (0, 1)]
+  outputs = [_finish(p) for p in procs]
+  _assert_close(_metrics(workdir), one_device_run)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['process_count'] == 2 and summary['device_count'] == 2
+  assert 'epoch   2/2' in outputs[0] and 'epoch' not in outputs[1]  # only process 0 reports
+
+
+def test_same_seed_same_metrics_other_seed_differs(folder, tmp_path):
+  def run(name, seed):
+    config = get_testing_config()
+    config.dataset = f'folder:{folder}'
+    config.num_epochs = 2
+    config.seed = seed
+    train.train_and_evaluate(config, str(tmp_path / name))
+    return _metrics(tmp_path / name)
+
+  first, again, other = run('a', 0), run('b', 0), run('c', 1)
+  assert first == again  # bitwise, apart from timings
+  assert first != other
+
+
+def test_deterministic_config_sets_the_xla_gpu_flag(monkeypatch):
+  from dsconv_jax import cli
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  config = get_testing_config()
+  cli.apply_determinism(config)
+  assert 'deterministic' not in os.environ['XLA_FLAGS']
+  config.deterministic = True
+  cli.apply_determinism(config)
+  cli.apply_determinism(config)  # idempotent
+  assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=1',
+                                             '--xla_gpu_deterministic_ops=true']
