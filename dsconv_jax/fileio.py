@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from dsconv_jax.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = 'w') -> Iterator[Any]:
@@ -52,6 +54,16 @@ def _fsync_folder(folder: str) -> None:
       os.fsync(fd)
     finally:
       os.close(fd)
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+  """Turns an OSError (a full disk, a folder made read-only) while writing `what` into a UserError."""
+  try:
+    yield
+  except OSError as e:
+    raise UserError(f'cannot write {what} ({e.strerror or e}); free disk space or choose another '
+                    '--workdir, then run the same command to resume') from None
 
 
 def atomic_write_text(path: str, text: str) -> None:

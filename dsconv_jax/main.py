@@ -10,6 +10,8 @@ from dsconv_jax import cli
 FLAGS = flags.FLAGS
 cli.define_config_flag()
 flags.DEFINE_string('workdir', None, 'Folder for metrics, summary, checkpoints and curves.')
+flags.DEFINE_bool('quiet', False, 'No per-epoch progress lines (the run still writes all its '
+                  'files and prints its final line and any error).')
 cli.define_distributed_flags()
 
 
@@ -21,7 +23,7 @@ def run(argv) -> None:
   cli.apply_determinism(config)
   cli.initialize_distributed()
   from dsconv_jax import train  # Imported late: JAX starts only after the flags are valid.
-  train.train_and_evaluate(config, FLAGS.workdir)
+  train.train_and_evaluate(config, FLAGS.workdir, quiet=FLAGS.quiet)
 
 
 if __name__ == '__main__':

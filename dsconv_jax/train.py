@@ -7,6 +7,7 @@ summary.json, checkpoints/, TensorBoard events, curves.png).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -23,11 +24,13 @@ from dsconv_jax import augment as augment_lib
 from dsconv_jax import budget
 from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import data as data_lib
+from dsconv_jax import faults
 from dsconv_jax import fileio
 from dsconv_jax import models
 from dsconv_jax import optim
 from dsconv_jax import reporting
 from dsconv_jax import steps
+from dsconv_jax import stopping
 from dsconv_jax.errors import UserError
 
 
@@ -81,8 +84,15 @@ def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
     fileio.atomic_write_json(path, identity)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` into `workdir`, resuming from its newest checkpoint; returns the summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       quiet: bool = False) -> dict[str, Any]:
+  """Trains `config` into `workdir`, resuming from its newest checkpoint; returns the summary.
+
+  Crash-safe: killed at any moment, the same call resumes to the metrics of an uninterrupted run
+  (metrics lines are appended before their epoch's checkpoint is saved, and lines past the restored
+  checkpoint are dropped). SIGTERM/SIGINT stop after the current epoch is saved, raising
+  `errors.Stopped`. `quiet` turns the per-epoch progress lines off.
+  """
   validate_config(config)
   is_writer = jax.process_index() == 0
   _prepare_workdir(workdir)
@@ -147,8 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history = [r for r in fileio.read_jsonl(metrics_path) if r.get('epoch', 0) <= start_epoch]
   if is_writer:
     # Drops lines of epochs past the checkpoint (their state was lost) and any torn line.
-    fileio.atomic_write_text(metrics_path, ''.join(json.dumps(r, sort_keys=True) + '\n'
-                                                   for r in history))
+    with fileio.writing(repr(metrics_path)):
+      fileio.atomic_write_text(metrics_path, ''.join(json.dumps(r, sort_keys=True) + '\n'
+                                                     for r in history))
 
   # The data lives on the devices, rows split over the mesh; each process transfers its part.
   n_dev = mesh.size
@@ -172,44 +183,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = None
   if is_writer:
     from dsconv_jax import tensorboard
-    writer = tensorboard.EventWriter(workdir)
+    with fileio.writing(f'TensorBoard events in {workdir!r}'):
+      writer = tensorboard.EventWriter(workdir)
+      # Readers then drop what a killed run wrote past its last checkpoint (those epochs rerun).
+      writer.session_start(start_epoch + 1)
 
   t0 = time.perf_counter()
   compiled_epoch = train_epoch.lower(state, train_images, train_labels, np.int32(1)).compile()
   compile_seconds = time.perf_counter() - t0
   train_seconds = sum(r['epoch_seconds'] for r in history)
 
-  for epoch in range(start_epoch + 1, config.num_epochs + 1):
-    t0 = time.perf_counter()
-    state, step_metrics = compiled_epoch(state, train_images, train_labels, np.int32(epoch))
-    losses = steps.host_value(step_metrics['loss'])
-    train_time = time.perf_counter() - t0
-    if not np.all(np.isfinite(losses)):
-      bad = int(np.argmin(np.isfinite(losses)))
-      raise UserError(f'training diverged: the loss is {losses[bad]} at epoch {epoch}, step '
-                      f'{bad + 1}; the checkpoint of epoch {epoch - 1} is kept. Lower '
-                      'config.learning_rate')
-    val_metrics = {k: steps.host_value(v) for k, v in evaluate(state, *val_arrays).items()}
-    epoch_seconds = time.perf_counter() - t0
-    train_seconds += epoch_seconds
-    row = {
-        'epoch': epoch,
-        'learning_rate': float(epoch_lr(epoch)),
-        'train_loss': float(losses.mean()),
-        'train_accuracy': float(steps.host_value(step_metrics['accuracy']).mean()),
-        'val_loss': float(val_metrics['loss']),
-        'val_accuracy': float(val_metrics['accuracy']),
-        'epoch_seconds': epoch_seconds,
-        'train_seconds': train_time,
-        'train_images_per_second': steps_per_epoch * config.batch_size / train_time,
-    }
-    history.append(row)
-    if is_writer:
-      fileio.append_jsonl(metrics_path, row)
-      writer.scalars({k: v for k, v in row.items() if k != 'epoch'}, epoch)
-    if is_writer:
-      print(reporting.format_epoch(row, config.num_epochs), flush=True)
-    checkpoints.save(epoch, state)
+  # Only process 0 reports progress, as it alone writes the run's files.
+  progress = reporting.Progress(config.num_epochs, quiet=quiet or not is_writer)
+  kept = lambda e: f'the checkpoint of epoch {e} is kept' if e else 'no epoch was saved'
+  try:
+    with stopping.StopOnSignals() as stop:
+      for epoch in range(start_epoch + 1, config.num_epochs + 1):
+        progress.start(epoch)
+        t0 = time.perf_counter()
+        state, step_metrics = compiled_epoch(state, train_images, train_labels, np.int32(epoch))
+        faults.maybe_kill('step', epoch)
+        losses = steps.host_value(step_metrics['loss'])
+        train_time = time.perf_counter() - t0
+        if not np.all(np.isfinite(losses)):
+          bad = int(np.argmin(np.isfinite(losses)))
+          raise UserError(f'training diverged: the loss is {losses[bad]} at epoch {epoch}, step '
+                          f'{bad + 1}; {kept(epoch - 1)}. Lower config.learning_rate')
+        val_metrics = evaluate(state, *val_arrays)
+        faults.maybe_kill('eval', epoch)
+        val_metrics = {k: steps.host_value(v) for k, v in val_metrics.items()}
+        if not np.isfinite(val_metrics['loss']):
+          # The last step's update can break the weights without a bad training loss.
+          raise UserError(f'training diverged: the validation loss is {val_metrics["loss"]} '
+                          f'after epoch {epoch}; {kept(epoch - 1)}. Lower config.learning_rate')
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        row = {
+            'epoch': epoch,
+            'learning_rate': float(epoch_lr(epoch)),
+            'train_loss': float(losses.mean()),
+            'train_accuracy': float(steps.host_value(step_metrics['accuracy']).mean()),
+            'val_loss': float(val_metrics['loss']),
+            'val_accuracy': float(val_metrics['accuracy']),
+            'epoch_seconds': epoch_seconds,
+            'train_seconds': train_time,
+            'train_images_per_second': steps_per_epoch * config.batch_size / train_time,
+        }
+        history.append(row)
+        if is_writer:
+          with fileio.writing(f'the metrics of epoch {epoch} to {metrics_path!r}'):
+            faults.maybe_tear_line(metrics_path, row, epoch)
+            fileio.append_jsonl(metrics_path, row)
+            writer.scalars({k: v for k, v in row.items() if k != 'epoch'}, epoch)
+        progress.end(row)
+        # Saved after the metrics line: a crash in between drops the line on resume and redoes
+        # the epoch, whereas the other order could keep a checkpoint whose line is lost.
+        checkpoints.save(epoch, state)
+        faults.maybe_kill('checkpoint', epoch)
+        if stop.requested and epoch < config.num_epochs:
+          checkpoints.wait()
+          raise stop.stopped(epoch)
+  except BaseException:
+    progress.clear()
+    # The save in flight must finish, whatever stopped the run, so that the newest checkpoint on
+    # disk is whole; its own error, if any, would only hide the one being raised.
+    with contextlib.suppress(Exception):
+      checkpoints.close()
+    if writer is not None:
+      writer.close()
+    raise
   checkpoints.close()
 
   if not config.eval_examples:
@@ -245,9 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'config': config.to_dict(),
   }
   if is_writer:
-    fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
-    reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
-                          title=f'{config.model} ({dataset.source})')
+    with fileio.writing(f'summary.json and curves.png to {workdir!r}'):
+      fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
+      reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
+                            title=f'{config.model} ({dataset.source})')
     writer.close()
     print(f'max val accuracy {100 * best["val_accuracy"]:.2f}% (epoch {best["epoch"]}), test '
           f'accuracy {100 * test_accuracy:.2f}%, {train_seconds:.1f} s of training', flush=True)

@@ -136,7 +136,7 @@ def test_training_records_the_chosen_multiplier(tmp_path, image_folder, monkeypa
   config.train_examples = config.eval_examples = 0
   config.fit_params = 200
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  # Width 9 (27 + 19 * 9 = 198) fits, 10 (217) does not; round(8 * 75/64) = 9, round(8 * 76/64) = 10.
+  # Width 9 (27 + 19 * 9 = 198) fits, 10 (217) does not; 8 * 75/64 rounds to 9, 8 * 76/64 to 10.
   assert summary['width_multiplier'] == 75 / 64 and summary['fit_params'] == 200
   assert summary['params_total'] == 198
   assert summary['config']['model_kwargs'] == {'width_multiplier': 75 / 64}
