@@ -67,7 +67,7 @@ class Checkpoints:
         restored = self.manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
       except Exception as e:  # pylint: disable=broad-except
         logging.info('checkpoint of epoch %d in %s cannot be restored (%s: %s)', epoch,
-                        self.directory, type(e).__name__, e)
+                     self.directory, type(e).__name__, e)
         print(f'warning: the checkpoint of epoch {epoch} cannot be read ({type(e).__name__}); '
               'falling back to the previous one', flush=True)
         damaged.append(epoch)
@@ -77,10 +77,12 @@ class Checkpoints:
         self._move_aside(damaged)
       return epoch, restored
     if damaged:
+      # Orbax's messages can hold a whole tensorstore spec: the start says enough.
+      detail = (str(first_error).splitlines() or [''])[0][:200]
       raise UserError(f'no checkpoint in {self.directory!r} can be restored (epochs '
                       f'{", ".join(map(str, sorted(damaged)))}; {type(first_error).__name__}: '
-                      f'{str(first_error).splitlines()[0] if str(first_error) else ""}); they '
-                      'may belong to a different model: use a new --workdir') from None
+                      f'{detail}); they may belong to a different model: use a new --workdir'
+                      ) from None
     return None
 
   def _move_aside(self, epochs: list[int]) -> None:

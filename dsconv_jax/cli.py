@@ -92,6 +92,13 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
       _check_config_loaded()
       return argv
     except flags.Error as e:
+      if 'Error whilst parsing config file' in str(e):
+        # The config file itself failed (e.g. it sets a value of the wrong type): a bad config,
+        # not a command-line usage error. The cause is the message's last line, after a traceback.
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        flag = lines[0].split(': Error whilst')[0].removeprefix('flag ')
+        print(f'error: cannot load {flag}: {lines[-1]}', file=sys.stderr)
+        sys.exit(1)
       print(f'error: {_first_line(e)}\nusage: python -m {_module_name()} --config=configs/'
             'model3.py [--config.KEY=VALUE ...] (--helpfull for all flags)', file=sys.stderr)
       sys.exit(2)
@@ -100,8 +107,11 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
       sys.exit(1)
     except Exception as e:  # pylint: disable=broad-except
       # Config files are executed while flags are parsed: a missing file or an error inside one
-      # is the user's to fix, not a crash.
-      print(f'error: cannot load the config: {_first_line(e)}', file=sys.stderr)
+      # is the user's to fix, not a crash. The cause is the message's last line.
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      given = next((a for a in argv if a.startswith('--config=')), '--config')
+      print(f'error: cannot load {given}: {lines[-1] if lines else type(e).__name__}',
+            file=sys.stderr)
       sys.exit(1)
 
   run_cli(lambda: app.run(lambda argv: run_cli(lambda: wrapped(argv)), flags_parser=flags_parser))

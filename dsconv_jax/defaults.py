@@ -40,15 +40,26 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.eval_batch_size = 1000
   config.seed = 0
-  # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'sgd' (with momentum, nesterov).
+  # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'adamw' (decoupled weight decay),
+  # 'sgd' (with momentum, nesterov).
   config.optimizer = 'keras_adam'
   config.momentum = 0.9
   config.nesterov = False
   config.learning_rate = 0.01
   # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
-  # Keras' LearningRateScheduler; 'constant'.
+  # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0.
   config.lr_schedule = 'inverse_time'
   config.lr_decay = 0.319
+  # Linear warm-up of the per-step schedules over this many epochs (fractions allowed).
+  config.warmup_epochs = 0.0
+  # Weight decay on kernels only, never BatchNorm parameters or biases (0 = off).
+  config.weight_decay = 0.0
+  # Label smoothing of the training loss (0 = off; 0.1 is usual).
+  config.label_smoothing = 0.0
+  # Decay of an exponential moving average of the weights, evaluated instead of them (0 = off).
+  config.ema_decay = 0.0
+  # Also report test_accuracy_tta_flip in summary.json (image and mirror averaged; off).
+  config.tta_flip = False
   # Make XLA's GPU kernels deterministic (--xla_gpu_deterministic_ops): bitwise-repeatable GPU
   # runs at some cost in speed. CPU runs are deterministic without it.
   config.deterministic = False

@@ -58,7 +58,7 @@ def _fsync_folder(folder: str) -> None:
 
 @contextlib.contextmanager
 def writing(what: str) -> Iterator[None]:
-  """Turns an OSError (a full disk, a folder made read-only) while writing `what` into a UserError."""
+  """Turns an OSError while writing `what` (a full disk, a read-only folder) into a UserError."""
   try:
     yield
   except OSError as e:

@@ -9,7 +9,7 @@ larger. `keras_adam` reproduces Keras so the source recipes are trained as they 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +20,19 @@ from dsconv_jax.errors import UserError
 Schedule = Callable[[jax.Array | int], jax.Array]
 
 
+PER_EPOCH_SCHEDULES = ('inverse_time', 'constant')
+PER_STEP_SCHEDULES = ('cosine', 'onecycle')
+
+
 def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], float]:
-  """Returns lr(epoch) for 1-based epochs, constant within an epoch like Keras' scheduler.
+  """Returns lr(epoch) for 1-based epochs: the value the epoch's first step uses.
 
   'inverse_time' is source 000's `LearningRateScheduler(lambda epoch, lr: lr0 / (1 + decay *
-  epoch))` with Keras' 0-based epoch: lr(1) = lr0, lr(2) = lr0 / (1 + decay), ...
+  epoch))` with Keras' 0-based epoch: lr(1) = lr0, lr(2) = lr0 / (1 + decay), ... and, like the
+  other per-epoch kind 'constant', holds within an epoch. The per-step kinds ('cosine',
+  'onecycle', see `create_schedule`) change every step; lr(epoch) then reports their value at the
+  epoch's first step, which is what metrics.jsonl's `learning_rate` shows.
   """
-  del steps_per_epoch  # Per-epoch schedules only, so far.
   lr0 = float(config.learning_rate)
   kind = config.lr_schedule
   if lr0 <= 0:
@@ -36,7 +42,45 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], flo
     return lambda epoch: lr0 / (1.0 + decay * (epoch - 1))
   if kind == 'constant':
     return lambda epoch: lr0
-  raise UserError(f"config.lr_schedule must be 'inverse_time' or 'constant', got {kind!r}")
+  if kind in PER_STEP_SCHEDULES:
+    schedule = _per_step_schedule(config, steps_per_epoch)
+    return lambda epoch: float(schedule((epoch - 1) * steps_per_epoch))
+  raise UserError(f'config.lr_schedule must be one of '
+                  f'{", ".join(PER_EPOCH_SCHEDULES + PER_STEP_SCHEDULES)}, got {kind!r}')
+
+
+def _per_step_schedule(config, steps_per_epoch: int) -> Schedule:
+  """'cosine' or 'onecycle' with a linear warm-up over `config.warmup_epochs`, to 0 at the end.
+
+  Warm-up: lr0 * (step + 1) / warmup_steps, so that no step trains at lr 0. Afterwards 'cosine'
+  decays as lr0 * (1 + cos(pi * t)) / 2 and 'onecycle' linearly as lr0 * (1 - t), with t going
+  from 0 after the warm-up to 1 at the last step (the triangular one-cycle of airbench).
+  """
+  lr0 = float(config.learning_rate)
+  total = max(1, int(config.num_epochs) * steps_per_epoch)
+  warmup = float(config.get('warmup_epochs', 0.0) or 0.0)
+  if warmup < 0:
+    raise UserError(f'config.warmup_epochs must be >= 0, got {warmup}')
+  warmup_steps = min(int(round(warmup * steps_per_epoch)), total - 1)
+  kind = config.lr_schedule
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    t = jnp.clip((step - warmup_steps) / max(1, total - warmup_steps), 0.0, 1.0)
+    decayed = lr0 * (0.5 * (1.0 + jnp.cos(jnp.pi * t)) if kind == 'cosine' else 1.0 - t)
+    if not warmup_steps:
+      return decayed
+    return jnp.where(step < warmup_steps, lr0 * (step + 1) / warmup_steps, decayed)
+
+  return schedule
+
+
+def create_schedule(config, steps_per_epoch: int) -> Schedule:
+  """The per-step learning rate the optimizer uses, traceable inside jit (step 0 is epoch 1)."""
+  if config.lr_schedule in PER_STEP_SCHEDULES:
+    create_learning_rate_fn(config, steps_per_epoch)  # Validates learning_rate.
+    return _per_step_schedule(config, steps_per_epoch)
+  return step_schedule(create_learning_rate_fn(config, steps_per_epoch), steps_per_epoch)
 
 
 def step_schedule(epoch_lr: Callable[[int], float], steps_per_epoch: int) -> Schedule:
@@ -75,14 +119,38 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def decay_mask(params) -> Any:
+  """True for the parameters weight decay applies to: kernels (ndim > 1), not BN scales or biases.
+
+  Decaying BatchNorm's scale and bias or a conv's bias only shrinks what BN re-normalises anyway
+  and hurts small nets; every kernel here (depthwise, pointwise, dense) has ndim >= 2.
+  """
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
 def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
-  """The optimizer named by `config.optimizer`: keras_adam, adam or sgd (momentum, nesterov)."""
+  """The optimizer named by `config.optimizer`: keras_adam, adam, adamw or sgd.
+
+  `config.weight_decay` (0 = off) skips BatchNorm parameters and biases (`decay_mask`). For
+  'adamw' it is decoupled (optax.adamw: wd * lr * param); for the others it is added to the
+  gradient before the optimizer (L2, the classic SGD form).
+  """
   name = config.optimizer
+  wd = float(config.get('weight_decay', 0.0) or 0.0)
+  if wd < 0:
+    raise UserError(f'config.weight_decay must be >= 0, got {wd}')
+  if name == 'adamw':
+    return optax.adamw(schedule, weight_decay=wd, mask=decay_mask)
   if name == 'keras_adam':
-    return optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(schedule))
-  if name == 'adam':
-    return optax.adam(schedule)
-  if name == 'sgd':
-    return optax.sgd(schedule, momentum=config.get('momentum', 0.9) or None,
-                     nesterov=bool(config.get('nesterov', False)))
-  raise UserError(f"config.optimizer must be 'keras_adam', 'adam' or 'sgd', got {name!r}")
+    tx = optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(schedule))
+  elif name == 'adam':
+    tx = optax.adam(schedule)
+  elif name == 'sgd':
+    tx = optax.sgd(schedule, momentum=config.get('momentum', 0.9) or None,
+                   nesterov=bool(config.get('nesterov', False)))
+  else:
+    raise UserError(f"config.optimizer must be 'keras_adam', 'adam', 'adamw' or 'sgd', got "
+                    f'{name!r}')
+  if wd:
+    tx = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), tx)
+  return tx

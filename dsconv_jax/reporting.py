@@ -7,13 +7,12 @@ import platform
 import sys
 from typing import Any, Sequence, TextIO
 
-import jax
-
 from dsconv_jax import fileio
 
 
 def device_description() -> str:
   """e.g. 'gpu: NVIDIA H100 80GB HBM3' or 'cpu: cpu'."""
+  import jax  # Here, not at the top: `compare` uses this module without starting JAX.
   d = jax.devices()[0]
   return f'{d.platform}: {d.device_kind}'
 
@@ -109,6 +108,7 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   lines = 0
@@ -124,6 +124,7 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
   ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
   ax_acc.set(xlabel='epoch', ylabel='accuracy', title='accuracy')
   for ax in (ax_loss, ax_acc):
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs are whole
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   if title:

@@ -35,6 +35,9 @@ INIT, PERMUTATION, STEP = 0, 1, 2
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  # An exponential moving average of `params`, evaluated in their place; None when
+  # config.ema_decay is 0, so that the state (and its checkpoints) are then as before.
+  ema_params: Any = None
 
 
 def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -42,28 +45,56 @@ def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy (Keras' categorical_crossentropy on softmax outputs)."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
+                       label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy (Keras' categorical_crossentropy on softmax outputs).
+
+  With `label_smoothing` = e the target is (1 - e) * one_hot + e / num_classes (Keras' and
+  optax's definition); 0 keeps the exact integer-label form of the source recipes.
+  """
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
-def create_train_state(model, key: jax.Array, image_shape, tx) -> TrainState:
+def update_ema(state: 'TrainState', decay: float) -> 'TrainState':
+  """Moves `state.ema_params` towards `state.params` after a step.
+
+  The decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
+  num_updates): early on the average follows the weights closely, so that it does not drag the
+  random initialisation into short runs' evaluations.
+  """
+  step = jnp.asarray(state.step, jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, state.params)
+  return state.replace(ema_params=ema)
+
+
+def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False) -> TrainState:
+  """The initial state; with `ema` it also holds `ema_params`, starting at the initial params."""
   variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
                          train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables.get('batch_stats', {}))
+  params = variables['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=variables.get('batch_stats', {}),
+                           ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
-               axis_name: str | None = None):
+               axis_name: str | None = None, label_smoothing: float = 0.0,
+               ema_decay: float = 0.0):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
   Under `jax.pmap(..., axis_name=A)` pass `axis_name=A`: each device then holds a slice of the
   batch, and BatchNorm statistics, gradients and metrics are averaged over A, so the update is the
   global batch's (with equal slices). Randomness is per call: under pmap, fold the device index
-  into `key` when dropout or augmentation should differ between devices.
+  into `key` when dropout or augmentation should differ between devices. `label_smoothing`
+  applies to the training loss only (the reported loss is the smoothed one); `ema_decay` > 0
+  updates `state.ema_params` (`update_ema`).
   """
   x = preprocess(images, mean, std)
   if augment:
@@ -74,7 +105,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
       logits, updates = state.apply_fn(
           {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
           rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
-    return cross_entropy_loss(logits, labels).mean(), (logits, updates)
+    return cross_entropy_loss(logits, labels, label_smoothing).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
@@ -82,14 +113,25 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   state = state.apply_gradients(grads=grads,
                                 batch_stats=updates.get('batch_stats', state.batch_stats))
+  if ema_decay:
+    state = update_ema(state, ema_decay)
   return state, metrics
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              mean: jax.Array, std: jax.Array) -> jax.Array:
-  """Sums of (loss, correct, count) over the masked examples of a batch."""
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
-                          preprocess(images, mean, std), train=False)
+              mean: jax.Array, std: jax.Array, tta_flip: bool = False) -> jax.Array:
+  """Sums of (loss, correct, count) over the masked examples of a batch.
+
+  Uses `state.ema_params` when the state has them. With `tta_flip` the logits are the mean of
+  the image's and its left-right mirror's (test-time augmentation).
+  """
+  params = state.params if state.ema_params is None else state.ema_params
+  x = preprocess(images, mean, std)
+  apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
+                                   train=False)
+  logits = apply(x)
+  if tta_flip:
+    logits = 0.5 * (logits + apply(x[:, :, ::-1, :]))
   loss = cross_entropy_loss(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])

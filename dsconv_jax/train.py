@@ -45,6 +45,10 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """One clear error per bad value, before any work is done."""
+  for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'train_examples', 'eval_examples'):
+    # A config file that builds its own ConfigDict is not type-checked by ml_collections.
+    if not isinstance(config[key], int) or isinstance(config[key], bool):
+      raise UserError(f'config.{key} must be an integer, got {config[key]!r}')
   for key in ('num_epochs', 'batch_size', 'eval_batch_size'):
     if int(config[key]) <= 0:
       raise UserError(f'config.{key} must be a positive integer, got {config[key]}')
@@ -132,14 +136,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   mean, std = data_lib.normalization_stats(train.images, config.normalization)
   epoch_lr = optim.create_learning_rate_fn(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, optim.step_schedule(epoch_lr, steps_per_epoch))
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
+  if not 0.0 <= ema_decay < 1.0:
+    raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
 
   mesh = steps.create_mesh()
   replicated = NamedSharding(mesh, P())
   seed_key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(seed_key, steps.INIT)
   state = jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
-                                    tx=tx), out_shardings=replicated)(init_key)
+                                    tx=tx, ema=bool(ema_decay)),
+                  out_shardings=replicated)(init_key)
 
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)
@@ -168,7 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_images = steps.put_sharded_rows(mesh, steps.pad_rows(train.images, n_dev))
   train_labels = steps.put_sharded_rows(mesh, steps.pad_rows(train.labels, n_dev))
   augment = augment_lib.parse(config.augment)
-  step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment)
+  step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment,
+                              label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
+                              ema_decay=ema_decay)
   train_epoch = steps.make_train_epoch(
       mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
       num_examples=len(train.labels), seed_key=seed_key, step_fn=step_fn)
@@ -258,6 +268,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
     test_accuracy = float(steps.host_value(evaluate(state, *put_split(dataset.test))['accuracy']))
+  extra = {}
+  if config.get('tta_flip', False):
+    # Reported beside test_accuracy, never in its place: the sources evaluated single views.
+    evaluate_tta = steps.make_evaluate(
+        mesh, batch_size=eval_batch,
+        step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d, tta_flip=True))
+    extra['test_accuracy_tta_flip'] = float(steps.host_value(
+        evaluate_tta(state, *put_split(dataset.test))['accuracy']))
 
   best = max(history, key=lambda r: r['val_accuracy'])
   summary = {
@@ -272,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       'best_epoch': best['epoch'],
       'final_val_accuracy': history[-1]['val_accuracy'],
       'test_accuracy': test_accuracy,
+      **extra,
       'train_seconds': train_seconds,
       'compile_seconds': compile_seconds,
       'epochs': len(history),

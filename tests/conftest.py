@@ -34,6 +34,19 @@ def image_folder(tmp_path):
   return make_image_folder(tmp_path / 'images')
 
 
+@pytest.fixture(scope='session')
+def cli_env(tmp_path_factory):
+  """Environment for command-line runs in subprocesses: CPU only, no fault injection, and one
+  persistent compilation cache for the session, so that only the first run of a program compiles
+  it (the same executable is then loaded, which keeps results bitwise identical)."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'JAX_COMPILATION_CACHE_DIR': str(tmp_path_factory.mktemp('jax-cache')),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  env.pop('DSCONV_FAULT', None)
+  return env
+
+
 @pytest.fixture
 def batched_mock_reads(monkeypatch):
   """Makes `mock_data`'s data sources answer batched `__getitems__` reads.

@@ -1,0 +1,295 @@
+"""Crash safety end to end, through the real command line in subprocesses.
+
+A run killed with SIGKILL at each point of dsconv_jax/faults.py, then started again with the same
+command, ends with the metrics of a run that was never interrupted; SIGTERM and SIGINT stop it after
+saving; a damaged newest checkpoint falls back to the previous one; a diverging run and a full disk
+stop with one clear error and keep the last good checkpoint.
+"""
+
+import errno
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from dsconv_jax import checkpoint as checkpoint_lib
+from dsconv_jax import faults
+from dsconv_jax import stopping
+from dsconv_jax import tensorboard
+from dsconv_jax.errors import Stopped, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 5
+TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second'}
+SUMMARY_KEYS = ('max_val_accuracy', 'best_epoch', 'final_val_accuracy', 'test_accuracy', 'epochs',
+                'params_total')
+# Runs dsconv_jax.main after the Python code it is appended to (a patch for one test).
+RUN_MAIN = ('\nimport runpy\n'
+            'runpy.run_module("dsconv_jax.main", run_name="__main__", alter_sys=True)\n')
+
+
+def main_cli(workdir, folder, env, *extra, fault=None, prelude=None, epochs=EPOCHS):
+  args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.dataset=folder:{folder}',
+          f'--config.num_epochs={epochs}', '--config.train_examples=0',
+          '--config.eval_examples=0', *extra]
+  env = dict(env)
+  if fault:
+    env[faults.ENV] = fault
+  python = [sys.executable, '-c', prelude + RUN_MAIN] if prelude else [sys.executable, '-m',
+                                                                       'dsconv_jax.main']
+  return subprocess.run(python + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=env)
+
+
+def metrics_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    text = f.read()
+  assert not text or text.endswith('\n'), 'torn line'
+  return [json.loads(line) for line in text.splitlines()]
+
+
+def saved_epochs(workdir):
+  """Finished checkpoints (Orbax renames a step's folder to its number once it is complete)."""
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def without_timings(rows):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def summary_of(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def assert_same_run(workdir, reference):
+  rows = metrics_rows(workdir)
+  assert [r['epoch'] for r in rows] == list(range(1, EPOCHS + 1))
+  assert without_timings(rows) == without_timings(metrics_rows(reference))
+  got, expected = summary_of(workdir), summary_of(reference)
+  assert {k: got[k] for k in SUMMARY_KEYS} == {k: expected[k] for k in SUMMARY_KEYS}
+
+
+def assert_clean_error(out, code, message):
+  assert out.returncode == code, out.stdout[-2000:] + out.stderr[-2000:]
+  assert message in out.stderr, out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-4000:]
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  return make_image_folder(tmp_path_factory.mktemp('crash') / 'images')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, folder, cli_env):
+  """A run of EPOCHS epochs that nothing interrupted."""
+  workdir = str(tmp_path_factory.mktemp('crash') / 'reference')
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
+def copy_run(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  return workdir
+
+
+def test_killed_at_every_point_resumes_to_the_same_metrics(tmp_path, folder, reference, cli_env):
+  workdir = str(tmp_path / 'run')
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  # Killed at each point in turn, each run resuming from what the previous one left behind.
+  for point, epoch in (('step', 1), ('eval', 2), ('checkpoint', 3), ('metrics', 4)):
+    out = main_cli(workdir, folder, cli_env, fault=f'{point}:{epoch}')
+    assert out.returncode == -signal.SIGKILL, (point, out.stderr[-3000:])
+    with open(metrics_path) as f:
+      lines = f.read().splitlines(keepends=True)
+    whole = [json.loads(line)['epoch'] for line in lines if line.endswith('\n')]
+    if point == 'metrics':
+      assert whole == list(range(1, epoch)) and not lines[-1].endswith('\n'), lines  # torn
+    elif point == 'checkpoint':
+      # The epoch's line is written while its checkpoint is still being saved.
+      assert whole == list(range(1, epoch + 1)), lines
+    else:
+      assert whole == list(range(1, epoch)), (point, lines)
+    assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+  out = main_cli(workdir, folder, cli_env)  # The same command, not killed this time.
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'resuming from the checkpoint of epoch' in out.stdout
+  assert_same_run(workdir, reference)
+  # TensorBoard: four processes wrote points, some of them for epochs later redone; a reader
+  # gets each metric once per epoch, with the values of metrics.jsonl.
+  scalars = tensorboard.read_scalars(workdir)
+  rows = metrics_rows(workdir)
+  for key in ('learning_rate', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
+              'epoch_seconds', 'train_images_per_second'):
+    assert scalars[key] == [(r['epoch'], float(np.float32(r[key]))) for r in rows], key
+
+
+def test_metrics_line_of_an_epoch_whose_save_was_cut_is_recomputed(tmp_path, reference, folder,
+                                                                   cli_env):
+  workdir = copy_run(reference, tmp_path)
+  # What a save killed halfway leaves: the epoch's metrics line, its checkpoint unfinished.
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  os.rename(os.path.join(checkpoints, str(EPOCHS)),
+            os.path.join(checkpoints, f'{EPOCHS}.orbax-checkpoint-tmp'))
+  os.unlink(os.path.join(workdir, 'summary.json'))
+  assert len(metrics_rows(workdir)) == EPOCHS
+
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'resuming from the checkpoint of epoch {EPOCHS - 1}' in out.stdout
+  assert f'epoch {EPOCHS:>3}/{EPOCHS}' in out.stdout
+  assert_same_run(workdir, reference)
+  assert saved_epochs(workdir) == [EPOCHS - 1, EPOCHS]
+  assert not glob.glob(os.path.join(checkpoints, '*tmp*'))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, folder,
+                                                                   cli_env):
+  workdir = copy_run(reference, tmp_path)
+  newest = os.path.join(workdir, 'checkpoints', str(EPOCHS))
+  rng = np.random.default_rng(0)
+  for path in glob.glob(os.path.join(newest, '**'), recursive=True):
+    if os.path.isfile(path):
+      with open(path, 'r+b') as f:
+        f.write(rng.integers(0, 256, os.path.getsize(path), dtype=np.uint8).tobytes())
+
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'warning: the checkpoint of epoch {EPOCHS} cannot be read' in out.stdout
+  assert f'resuming from the checkpoint of epoch {EPOCHS - 1}' in out.stdout
+  assert_same_run(workdir, reference)
+  assert saved_epochs(workdir) == [EPOCHS - 1, EPOCHS]
+  moved = os.listdir(os.path.join(workdir, 'checkpoints.damaged'))
+  assert len(moved) == 1 and moved[0].startswith(f'{EPOCHS}-')
+
+
+SEND_SIGNAL = '''
+import os, signal
+from dsconv_jax import faults
+def _signal_during_training(point, epoch):
+  if (point, epoch) == ('step', {epoch}):
+    os.kill(os.getpid(), signal.{name})
+faults.maybe_kill = _signal_during_training
+'''
+
+
+def test_sigterm_and_sigint_stop_after_saving_and_the_run_resumes(tmp_path, reference, folder,
+                                                                 cli_env):
+  workdir = str(tmp_path / 'run')
+  for name, epoch in (('SIGTERM', 2), ('SIGINT', 4)):
+    out = main_cli(workdir, folder, cli_env,
+                   prelude=SEND_SIGNAL.format(epoch=epoch, name=name))
+    # The signal arrives while the epoch trains: the epoch finishes and is saved, then it stops.
+    assert_clean_error(out, 128 + getattr(signal, name),
+                       f'stopped by {name} after saving epoch {epoch}; run the same command to '
+                       'resume')
+    assert f'received {name}' in out.stderr and 'error:' not in out.stderr
+    assert saved_epochs(workdir)[-1] == epoch
+    assert [r['epoch'] for r in metrics_rows(workdir)] == list(range(1, epoch + 1))
+    assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+FULL_DISK = '''
+import errno
+import orbax.checkpoint as ocp
+_save = ocp.CheckpointManager.save
+def _save_on_a_full_disk(self, step, *args, **kwargs):
+  if step == 3:
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  return _save(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = _save_on_a_full_disk
+'''
+
+
+def test_full_disk_while_saving_is_one_clear_error_and_nothing_half_written(
+    tmp_path, reference, folder, cli_env):
+  workdir = str(tmp_path / 'run')
+  out = main_cli(workdir, folder, cli_env, prelude=FULL_DISK)
+  assert_clean_error(out, 1, 'cannot save the checkpoint of epoch 3')
+  assert 'No space left on device' in out.stderr
+  assert len([l for l in out.stderr.splitlines() if l.startswith('error:')]) == 1
+  assert saved_epochs(workdir) == [1, 2]
+  metrics_rows(workdir)  # Whole lines only.
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  assert not glob.glob(os.path.join(workdir, '**', '*.tmp'), recursive=True)
+  # Space freed: the same command finishes the run as if nothing had happened.
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+def test_divergence_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, reference, folder, cli_env):
+  workdir = copy_run(reference, tmp_path)
+  before = summary_of(workdir)
+  out = main_cli(workdir, folder, cli_env, '--config.learning_rate=1e30', epochs=EPOCHS + 2)
+  assert_clean_error(out, 1, f'training diverged: the loss is nan at epoch {EPOCHS + 1}, step ')
+  assert f'the checkpoint of epoch {EPOCHS} is kept' in out.stderr
+  assert saved_epochs(workdir) == [EPOCHS - 1, EPOCHS]
+  assert [r['epoch'] for r in metrics_rows(workdir)] == list(range(1, EPOCHS + 1))
+  assert summary_of(workdir) == before
+
+
+def test_checkpoint_write_errors_are_user_errors(tmp_path, monkeypatch):
+  checkpoints = checkpoint_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  # A failed save, or a background write whose error surfaces when waited for.
+  monkeypatch.setattr(checkpoints.manager, 'save', full_disk)
+  with pytest.raises(UserError, match='cannot save the checkpoint of epoch 1 .*No space left'):
+    checkpoints.save(1, {'w': np.zeros(3)})
+  monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', full_disk)
+  with pytest.raises(UserError, match='No space left on device'):
+    checkpoints.wait()
+
+
+def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
+  previous = signal.getsignal(signal.SIGTERM)
+  with stopping.StopOnSignals() as stop:
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested
+    error = stop.stopped(7)
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert isinstance(error, Stopped) and error.exit_code == 128 + signal.SIGTERM
+  assert str(error) == 'stopped by SIGTERM after saving epoch 7; run the same command to resume'
+
+
+def test_fault_spec_is_checked(monkeypatch):
+  monkeypatch.setenv(faults.ENV, 'nowhere:2')
+  with pytest.raises(UserError, match='POINT:EPOCH'):
+    faults.maybe_kill('step', 2)
+  monkeypatch.setenv(faults.ENV, 'step:2')
+  faults.maybe_kill('step', 1)  # Another epoch: nothing happens.
+  faults.maybe_kill('eval', 2)
+
+
+def test_checkpoints_of_another_model_are_an_error_not_a_fresh_start(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  checkpoints = checkpoint_lib.Checkpoints(directory)
+  for epoch in (1, 2):
+    checkpoints.save(epoch, {'w': np.full(3, epoch, np.float32)})
+  checkpoints.close()
+  checkpoints = checkpoint_lib.Checkpoints(directory)
+  assert checkpoints.restore_latest({'w': np.zeros(3, np.float32)})[0] == 2
+  with pytest.raises(UserError, match='no checkpoint .* can be restored .*different model'):
+    checkpoints.restore_latest({'kernel': np.zeros((2, 2), np.float32)})
+  checkpoints.close()
+  assert saved_epochs(str(tmp_path)) == [1, 2]  # Nothing was moved aside.
+  assert not os.path.exists(directory + '.damaged')

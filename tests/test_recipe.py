@@ -1,0 +1,331 @@
+"""The recipe options of the project's own models, each off by default: schedules with warm-up,
+AdamW / Nesterov SGD, weight decay that skips BatchNorm parameters and biases, label smoothing,
+an EMA of the weights used for evaluation, and test-time flip averaging."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dsconv_jax import analysis, budget, models, optim, steps, train
+from dsconv_jax.defaults import get_config, get_testing_config
+from dsconv_jax.errors import UserError
+
+
+def schedule_config(kind, **overrides):
+  config = get_config()
+  config.lr_schedule = kind
+  config.learning_rate = 0.1
+  config.num_epochs = 4
+  config.warmup_epochs = 1.0
+  for k, v in overrides.items():
+    config[k] = v
+  return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules.
+
+
+def test_recipe_options_are_off_by_default():
+  config = get_config()
+  assert (config.weight_decay, config.label_smoothing, config.ema_decay) == (0.0, 0.0, 0.0)
+  assert config.lr_schedule == 'inverse_time' and config.tta_flip is False
+  assert config.optimizer == 'keras_adam' and config.augment == ''
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+  config = schedule_config('cosine')
+  step_lr = optim.create_schedule(config, steps_per_epoch=10)
+  # Warm-up over the first 10 steps: 0.01, 0.02, ..., 0.1 (never 0).
+  np.testing.assert_allclose([float(step_lr(s)) for s in range(10)],
+                             [0.01 * (s + 1) for s in range(10)], rtol=1e-6)
+  # Then cosine over the remaining 30 steps, t = (step - 10) / 30.
+  for s in (10, 25, 39):
+    t = (s - 10) / 30
+    np.testing.assert_allclose(float(step_lr(jnp.int32(s))), 0.05 * (1 + math.cos(math.pi * t)),
+                               rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(float(step_lr(40)), 0.0, atol=1e-8)
+  # The per-epoch value (metrics.jsonl's learning_rate) is the one of the epoch's first step.
+  epoch_lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  np.testing.assert_allclose([epoch_lr(e) for e in (1, 2, 3)],
+                             [0.01, 0.1, 0.05 * (1 + math.cos(math.pi / 3))], rtol=1e-5)
+
+
+def test_onecycle_schedule_is_linear_up_and_down():
+  step_lr = optim.create_schedule(schedule_config('onecycle', warmup_epochs=0.5), 10)
+  np.testing.assert_allclose([float(step_lr(s)) for s in (0, 4, 5, 20, 39)],
+                             [0.02, 0.1, 0.1, 0.1 * (1 - 15 / 35), 0.1 * (1 - 34 / 35)], rtol=1e-5)
+
+
+def test_per_epoch_schedules_are_unchanged_by_create_schedule():
+  config = get_config()  # inverse_time, the source recipe
+  step_lr = optim.create_schedule(config, steps_per_epoch=10)
+  np.testing.assert_allclose([float(step_lr(s)) for s in (0, 9, 10)],
+                             [0.01, 0.01, 0.01 / 1.319], rtol=1e-6)
+
+
+def test_bad_schedule_values_are_user_errors():
+  with pytest.raises(UserError, match='warmup_epochs'):
+    optim.create_schedule(schedule_config('cosine', warmup_epochs=-1.0), 10)
+  with pytest.raises(UserError, match='lr_schedule'):
+    optim.create_schedule(schedule_config('step'), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers and weight decay.
+
+
+def small_params():
+  model = models.create_model('dsresnet', widths=(4, 8), blocks=(1, 1), stem_multiplier=1)
+  return model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+
+
+def test_decay_mask_excludes_batch_norm_and_biases():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 4, 1)), 'bias': jnp.ones(4)},
+            'pw': {'kernel': jnp.ones((1, 1, 4, 8))},
+            'bn': {'scale': jnp.ones(8), 'bias': jnp.zeros(8)}}
+  assert optim.decay_mask(params) == {'conv': {'kernel': True, 'bias': False},
+                                      'pw': {'kernel': True},
+                                      'bn': {'scale': False, 'bias': False}}
+  # On a real model: every kernel decays, no BatchNorm parameter does.
+  flat = jax.tree_util.tree_flatten_with_path(optim.decay_mask(small_params()))[0]
+  for path, decays in flat:
+    name = jax.tree_util.keystr(path)
+    assert decays == ('kernel' in name), name
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adamw', 'keras_adam'])
+def test_weight_decay_shrinks_kernels_only(optimizer):
+  config = get_config()
+  config.optimizer = optimizer
+  config.weight_decay = 0.1
+  params = small_params()
+  tx = optim.create_optimizer(config, lambda step: 0.5)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for path, u in flat:
+    name = jax.tree_util.keystr(path)
+    if 'kernel' in name:
+      assert float(jnp.abs(u).max()) > 0, name  # Decay alone moves kernels...
+    else:
+      assert float(jnp.abs(u).max()) == 0, name  # ...but never BN scales or biases.
+  # And with weight_decay = 0 nothing moves on zero gradients.
+  config.weight_decay = 0.0
+  tx = optim.create_optimizer(config, lambda step: 0.5)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+
+
+def test_adamw_and_nesterov_sgd_match_optax():
+  params = {'w': jnp.array([[1.0, -2.0]]), 'b': jnp.array([0.5])}
+  grads = {'w': jnp.array([[0.3, 0.1]]), 'b': jnp.array([-0.2])}
+  mask = {'w': True, 'b': False}
+  config = get_config()
+  cases = [('adamw', optax.adamw(0.01, weight_decay=0.05, mask=mask)),
+           ('sgd', optax.chain(optax.add_decayed_weights(0.05, mask),
+                               optax.sgd(0.01, momentum=0.9, nesterov=True)))]
+  for name, reference in cases:
+    config.optimizer, config.weight_decay, config.nesterov = name, 0.05, True
+    tx = optim.create_optimizer(config, lambda step: 0.01)
+    s1, s2 = tx.init(params), reference.init(params)
+    p1 = p2 = params
+    for _ in range(3):
+      u1, s1 = tx.update(grads, s1, p1)
+      u2, s2 = reference.update(grads, s2, p2)
+      p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p1, p2)
+  # Nesterov differs from plain momentum (the flag is not ignored).
+  config.optimizer, config.nesterov = 'sgd', False
+  plain = optim.create_optimizer(config, lambda step: 0.01)
+  s = plain.init(params)
+  u, s = plain.update(grads, s, params)
+  u, s = plain.update(grads, s, params)
+  config.nesterov = True
+  nesterov = optim.create_optimizer(config, lambda step: 0.01)
+  sn = nesterov.init(params)
+  un, sn = nesterov.update(grads, sn, params)
+  un, sn = nesterov.update(grads, sn, params)
+  assert not np.allclose(u['w'], un['w'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss, EMA, evaluation.
+
+
+def test_label_smoothing_loss_value():
+  logits = jnp.array([[2.0, 0.0, -1.0, 0.5]])
+  labels = jnp.array([0])
+  log_p = np.asarray(jax.nn.log_softmax(logits))[0]
+  eps, k = 0.1, 4
+  target = np.full(k, eps / k)
+  target[0] += 1 - eps
+  expected = -(target * log_p).sum()
+  np.testing.assert_allclose(steps.cross_entropy_loss(logits, labels, eps), [expected], rtol=1e-6)
+  # 0 is the plain integer-label cross-entropy of the source recipes.
+  np.testing.assert_allclose(steps.cross_entropy_loss(logits, labels, 0.0), [-log_p[0]],
+                             rtol=1e-6)
+  assert not np.isclose(expected, -log_p[0])
+
+
+def tiny_state(ema):
+  model = models.create_model('tiny', num_classes=3)
+  tx = optax.sgd(0.1)
+  return steps.create_train_state(model, jax.random.key(0), (8, 8, 3), tx, ema=ema)
+
+
+def test_state_without_ema_has_none_and_with_ema_a_copy():
+  assert tiny_state(False).ema_params is None
+  state = tiny_state(True)
+  jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
+
+
+def test_update_ema_follows_the_debiased_decay():
+  state = tiny_state(True)
+  ema0 = state.ema_params
+  state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params), step=jnp.int32(90))
+  new = steps.update_ema(state, 0.99)
+  d = min(0.99, 91 / 100)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  jax.tree.map(lambda e, e0, p: close(e, d * e0 + (1 - d) * p), new.ema_params, ema0,
+               state.params)
+  late = steps.update_ema(state.replace(step=jnp.int32(10_000)), 0.99)  # decay caps at 0.99
+  jax.tree.map(lambda e, e0, p: close(e, 0.99 * e0 + 0.01 * p), late.ema_params, ema0,
+               state.params)
+
+
+def test_train_step_updates_ema_only_when_enabled():
+  images = jax.random.randint(jax.random.key(1), (4, 8, 8, 3), 0, 255).astype(jnp.uint8)
+  labels = jnp.array([0, 1, 2, 0])
+  kwargs = dict(mean=jnp.zeros(3), std=jnp.full(3, 255.0))
+  state, _ = steps.train_step(tiny_state(False), images, labels, jax.random.key(2), **kwargs)
+  assert state.ema_params is None
+  start = tiny_state(True)
+  state, _ = steps.train_step(start, images, labels, jax.random.key(2), ema_decay=0.9, **kwargs)
+  # Step 1: decay min(0.9, 2 / 11), so the average moved a little towards the new params.
+  d = 2 / 11
+  jax.tree.map(lambda e, e0, p: np.testing.assert_allclose(e, d * e0 + (1 - d) * p, rtol=1e-5,
+                                                           atol=1e-7),
+               state.ema_params, start.params, state.params)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.ema_params),
+                                                   jax.tree.leaves(state.params)))
+
+
+def test_evaluation_uses_the_ema_params():
+  state = tiny_state(True)
+  # Zero EMA weights give all-zero logits: loss log(3) per example, whatever the params say.
+  state = state.replace(ema_params=jax.tree.map(jnp.zeros_like, state.params))
+  images = jax.random.randint(jax.random.key(1), (5, 8, 8, 3), 0, 255).astype(jnp.uint8)
+  labels, mask = jnp.array([0, 1, 2, 0, 1]), jnp.ones(5)
+  kwargs = dict(mean=jnp.zeros(3), std=jnp.full(3, 255.0))
+  totals = steps.eval_step(state, images, labels, mask, **kwargs)
+  np.testing.assert_allclose(totals[0], 5 * math.log(3), rtol=1e-5)
+  plain = steps.eval_step(state.replace(ema_params=None), images, labels, mask, **kwargs)
+  assert not np.isclose(plain[0], 5 * math.log(3), rtol=1e-3)
+
+
+def test_tta_flip_averages_the_mirror_and_is_exact_on_symmetric_images():
+  state = tiny_state(False)
+  kwargs = dict(mean=jnp.zeros(3), std=jnp.full(3, 255.0))
+  half = jax.random.randint(jax.random.key(3), (6, 8, 4, 3), 0, 255).astype(jnp.uint8)
+  symmetric = jnp.concatenate([half, half[:, :, ::-1]], axis=2)
+  labels, mask = jnp.array([0, 1, 2, 0, 1, 2]), jnp.ones(6)
+  np.testing.assert_allclose(steps.eval_step(state, symmetric, labels, mask, tta_flip=True,
+                                             **kwargs),
+                             steps.eval_step(state, symmetric, labels, mask, **kwargs), rtol=1e-5)
+  # On other images the flip changes the logits, hence the loss.
+  images = jax.random.randint(jax.random.key(4), (6, 8, 8, 3), 0, 255).astype(jnp.uint8)
+  assert not np.isclose(steps.eval_step(state, images, labels, mask, tta_flip=True, **kwargs)[0],
+                        steps.eval_step(state, images, labels, mask, **kwargs)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: every option at once, resumed exactly, tta key beside the plain test accuracy.
+
+
+def recipe_config(folder, num_epochs):
+  config = get_testing_config()
+  config.dataset = f'folder:{folder}'
+  config.train_examples = 0
+  config.eval_examples = 0
+  config.num_epochs = num_epochs
+  config.optimizer = 'adamw'
+  config.weight_decay = 1e-3
+  config.lr_schedule = 'cosine'
+  config.warmup_epochs = 1.0
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.9
+  config.tta_flip = True
+  config.augment = 'crop,flip'
+  return config
+
+
+def test_full_recipe_trains_resumes_exactly_and_reports_tta(tmp_path, image_folder):
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  summary = train.train_and_evaluate(recipe_config(image_folder, 2), straight, quiet=True)
+  # A crash after epoch 1: the same num_epochs (the per-step schedule spans the whole run), with
+  # epoch 2's checkpoint and metrics line gone.
+  train.train_and_evaluate(recipe_config(image_folder, 2), resumed, quiet=True)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '2'))
+  with open(os.path.join(resumed, 'metrics.jsonl')) as f:
+    first_line = f.readline()
+  with open(os.path.join(resumed, 'metrics.jsonl'), 'w') as f:
+    f.write(first_line)
+  resumed_summary = train.train_and_evaluate(recipe_config(image_folder, 2), resumed, quiet=True)
+
+  def rows(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(line).items()
+               if k not in ('epoch_seconds', 'train_seconds', 'train_images_per_second')}
+              for line in f]
+
+  assert rows(straight) == rows(resumed)  # EMA params are restored with the rest of the state.
+  assert 0.0 <= summary['test_accuracy_tta_flip'] <= 1.0
+  assert resumed_summary['test_accuracy_tta_flip'] == summary['test_accuracy_tta_flip']
+  assert summary['test_accuracy'] == rows(straight)[-1]['val_accuracy']
+  # 24 images, batch 8: 3 steps per epoch; warm-up is epoch 1, so epoch 2 starts at the peak.
+  lrs = [r['learning_rate'] for r in rows(straight)]
+  np.testing.assert_allclose(lrs, [0.01 / 3, 0.01], rtol=1e-5)
+
+
+def test_tta_key_is_absent_when_off(tmp_path, image_folder):
+  config = recipe_config(image_folder, 1)
+  config.tta_flip = False
+  assert 'test_accuracy_tta_flip' not in train.train_and_evaluate(config, str(tmp_path / 'r'),
+                                                                  quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's model under the source rules.
+
+
+def test_dsresnet_fits_the_rules_and_sees_the_whole_image():
+  config = get_config()
+  config.model = 'dsresnet'
+  report = analysis.analyze_model(train.create_model(config, 10), (32, 32, 3), config.constraints)
+  # Pointwise kernels dominate: 24*40 + 2*40*40 + 40*80 + 2*80*80 + 80*160 + 2*160*160 + 160*10.
+  assert (report.params_total, report.params_trainable) == (95_456, 93_776)
+  assert report.params_total < 100_000 and report.violations == []
+  assert report.receptive_field_status == 'covers'
+  shapes = {l.name: l.output_shape for l in report.layers}
+  assert shapes['PointwiseConv2D_9'] == [8, 8, 10]  # classes on an 8x8 map, then GAP
+  assert all(l.type in ('DepthwiseConv2D', 'PointwiseConv2D', 'BatchNorm', 'Activation',
+                        'MaxPool2D', 'GlobalAvgPool') for l in report.layers)
+
+
+def test_dsresnet_width_multiplier_fits_a_budget():
+  model = models.create_model('dsresnet')
+  assert budget.declares_width_multiplier(model)
+  config = get_config()
+  config.model = 'dsresnet'
+  config.fit_params = 100_000
+  fitted, info = budget.resolve_width(config, (32, 32, 3), 10)
+  assert info['params_total'] < 100_000 <= info['next_params_total']
+  assert fitted.model_kwargs.width_multiplier == info['width_multiplier'] >= 1.0
