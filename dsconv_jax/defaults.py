@@ -14,6 +14,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict()
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
+  # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm
+  # statistics, gradients and the loss stay float32). bfloat16 halves activation memory traffic on
+  # GPUs and TPUs; on CPUs it is slower (BENCHMARKS.md).
+  config.compute_dtype = 'float32'
+  # Dropout masks: 'hash' (a seeded counter hash, fused into the step: BENCHMARKS.md) or
+  # 'threefry' (jax.random.bernoulli, what runs drew before 'hash' existed; about 2x slower on CPU).
+  config.dropout_impl = 'hash'
   # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
   config.fit_params = 0
 

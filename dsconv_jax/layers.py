@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -106,6 +107,32 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding='
   return out
 
 
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """1x1 convolution of NHWC `x` with a (C, F) kernel.
+
+  The gradient is written by hand as two (N*H*W, C)-shaped matrix products. With the einsum's own
+  gradient, XLA's CPU backend computed the kernel gradient from a transposed copy of the output
+  gradient, fused with everything that produces it (BatchNorm, ReLU and dropout backward): most of
+  Model 3's CPU step (BENCHMARKS.md). The forward pass stays one einsum, which is what
+  `dsconv_jax.analysis` reads.
+  """
+  return jnp.einsum('nhwc,cf->nhwf', x, kernel)
+
+
+def _pointwise_conv_fwd(x, kernel):
+  return pointwise_conv(x, kernel), (x, kernel)
+
+
+def _pointwise_conv_bwd(residuals, dy):
+  x, kernel = residuals
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  return (dy2 @ kernel.T).reshape(x.shape), x2.T @ dy2
+
+
+pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+
+
 class DepthwiseConv2D(Layer):
   """Keras `DepthwiseConv2D`: one kh x kw filter per input channel (times `depth_multiplier`).
 
@@ -147,7 +174,7 @@ class Conv2D(Layer):
     return nn.Conv(self.features, _pair(self.kernel_size), strides=_pair(self.strides),
                    padding=_padding(self.padding), kernel_dilation=_pair(self.dilation),
                    use_bias=self.use_bias, kernel_init=glorot_uniform, bias_init=zeros,
-                   name='conv')(x)
+                   dtype=x.dtype, name='conv')(x)
 
 
 class PointwiseConv2D(Layer):
@@ -158,7 +185,7 @@ class PointwiseConv2D(Layer):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     kernel = self.param('kernel', glorot_uniform, (1, 1, x.shape[-1], self.features))
-    y = jnp.einsum('nhwc,cf->nhwf', x, kernel[0, 0].astype(x.dtype))
+    y = pointwise_conv(x, kernel[0, 0].astype(x.dtype))
     if self.use_bias:
       y = y + self.param('bias', zeros, (self.features,)).astype(y.dtype)
     return y
@@ -189,7 +216,7 @@ class SeparableConv2D(Layer):
                        impl=self.impl)
     pw_kernel = self.param('pointwise_kernel', glorot_uniform,
                            (1, 1, c * self.depth_multiplier, self.features))
-    y = jnp.einsum('nhwc,cf->nhwf', y, pw_kernel[0, 0].astype(y.dtype))
+    y = pointwise_conv(y, pw_kernel[0, 0].astype(y.dtype))
     if self.use_bias:
       y = y + self.param('bias', zeros, (self.features,)).astype(y.dtype)
     return y
@@ -203,7 +230,7 @@ class Dense(Layer):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return nn.Dense(self.features, use_bias=self.use_bias, kernel_init=glorot_uniform,
-                    bias_init=zeros, name='dense')(x)
+                    bias_init=zeros, dtype=x.dtype, name='dense')(x)
 
 
 _BATCH_NORM_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -241,13 +268,80 @@ class BatchNorm(Layer):
                         axis_name=_BATCH_NORM_AXIS.get() if train else None, name='bn')(x)
 
 
+DROPOUT_IMPLS = ('hash', 'threefry')
+_DROPOUT_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar('dropout_impl',
+                                                                   default='hash')
+
+
+@contextlib.contextmanager
+def dropout_impl(impl: str) -> Iterator[None]:
+  """Within this context (at trace time), Dropout draws its masks with `impl` (DROPOUT_IMPLS)."""
+  if impl not in DROPOUT_IMPLS:
+    raise ValueError(f'dropout_impl must be one of {DROPOUT_IMPLS}, got {impl!r}')
+  token = _DROPOUT_IMPL.set(impl)
+  try:
+    yield
+  finally:
+    _DROPOUT_IMPL.reset(token)
+
+
+def _hash32(v: jax.Array) -> jax.Array:
+  """Wellons' 'lowbias32' integer hash: a bijection of uint32 with full avalanche."""
+  v = v ^ (v >> 16)
+  v = v * jnp.uint32(0x7FEB352D)
+  v = v ^ (v >> 15)
+  v = v * jnp.uint32(0x846CA68B)
+  return v ^ (v >> 16)
+
+
+def hash_keep_mask(key: jax.Array, rate: float, shape: Sequence[int]) -> jax.Array:
+  """A boolean mask, True with probability 1 - rate, from a counter hash seeded by `key`.
+
+  Each element's flat index is hashed twice with two 32-bit words drawn from `key`. Compared with
+  `jax.random.bernoulli` (one Threefry-2x32 block, 20 rounds, per element) this is a handful of
+  integer operations that XLA fuses into the consumer of the mask, and it is cheap enough that the
+  backward pass recomputes it instead of storing it. Deterministic for a given key and shape, and
+  independent of how the batch is sharded (the index is the element's global position).
+  """
+  if rate <= 0:
+    return jnp.ones(shape, bool)
+  size = 1
+  for d in shape:
+    size *= d
+  if size >= 2**32:  # The 32-bit counter would repeat: use the standard generator.
+    return jax.random.bernoulli(key, 1.0 - rate, shape)
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  bits = _hash32(_hash32(index ^ seed[0]) ^ seed[1])
+  # P(bits >= t) = 1 - t / 2**32, exact to 2**-32.
+  threshold = min(round(rate * 2**32), 2**32 - 1)
+  return bits >= jnp.uint32(threshold)
+
+
 class Dropout(Layer):
-  """Keras `Dropout`: active only in training, with the 'dropout' rng."""
+  """Keras `Dropout`: active only in training, with the 'dropout' rng.
+
+  Masks come from `hash_keep_mask` (the default, `dropout_impl('hash')`) or, under
+  `dropout_impl('threefry')`, from Flax's `nn.Dropout` (`jax.random.bernoulli`), which draws
+  exactly what this project drew before the hash existed. The hash is the default because
+  Threefry masks were about half of Model 3's CPU step (BENCHMARKS.md).
+  """
   rate: float
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return nn.Dropout(self.rate, deterministic=not train)(x)
+    if _DROPOUT_IMPL.get() == 'threefry':
+      return nn.Dropout(self.rate, deterministic=not train)(x)
+    if not train or self.rate == 0:
+      return x
+    if self.rate >= 1:
+      return jnp.zeros_like(x)
+    keep = hash_keep_mask(self.make_rng('dropout'), self.rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class Activation(Layer):
@@ -261,6 +355,48 @@ class Activation(Layer):
     return _ACTIVATIONS[self.function](x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """Max pooling of NHWC `x` over non-overlapping `window`s ('valid' padding).
+
+  Same values and gradient as `nn.max_pool` (the gradient goes to the first maximum of each
+  window in row-major order, like XLA's select-and-scatter and TensorFlow). Computed through a
+  reshape instead: XLA's CPU backend expands select-and-scatter into four index arrays, a
+  variadic reduce-window and a scatter, about 15% of Model 3's CPU step (BENCHMARKS.md), where
+  this is a few fused elementwise operations and a reduction.
+  """
+  return nn.max_pool(x, window, window, padding='VALID')
+
+
+def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """(N, H, W, C) -> (N, H // ph, ph, W // pw, pw, C), dropping the rows and columns left over."""
+  n, h, w, c = x.shape
+  (ph, pw), (oh, ow) = window, (h // window[0], w // window[1])
+  return x[:, :oh * ph, :ow * pw].reshape(n, oh, ph, ow, pw, c)
+
+
+def _tiled_max_pool_fwd(x, window):
+  y = _windows(x, window).max(axis=(2, 4))
+  return y, (x, y)
+
+
+def _tiled_max_pool_bwd(window, residuals, dy):
+  x, y = residuals
+  xw = _windows(x, window)
+  ph, pw = window
+  position = (jax.lax.broadcasted_iota(jnp.int32, xw.shape, 2) * pw
+              + jax.lax.broadcasted_iota(jnp.int32, xw.shape, 4))
+  first = jnp.min(jnp.where(xw == y[:, :, None, :, None], position, ph * pw), axis=(2, 4),
+                  keepdims=True)
+  dxw = jnp.where(position == first, dy[:, :, None, :, None], jnp.zeros((), dy.dtype))
+  n, h, w, c = x.shape
+  dx = dxw.reshape(n, xw.shape[1] * ph, xw.shape[3] * pw, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
+
+
+tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
+
+
 class MaxPool2D(Layer):
   """Keras `MaxPooling2D` (strides default to the pool size, padding 'valid')."""
   pool_size: int | Sequence[int] = 2
@@ -271,7 +407,10 @@ class MaxPool2D(Layer):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     window = _pair(self.pool_size)
     strides = window if self.strides is None else _pair(self.strides)
-    return nn.max_pool(x, window, strides, padding=_padding(self.padding))
+    padding = _padding(self.padding)
+    if strides == window and padding == 'VALID':
+      return tiled_max_pool(x, window)
+    return nn.max_pool(x, window, strides, padding=padding)
 
 
 class GlobalAvgPool(Layer):

@@ -31,6 +31,8 @@ from dsconv_jax import layers
 
 # Streams of randomness folded from the seed: one purpose each.
 INIT, PERMUTATION, STEP = 0, 1, 2
+# config.compute_dtype values: the dtype of activations (parameters stay float32).
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 class TrainState(train_state.TrainState):
@@ -40,9 +42,14 @@ class TrainState(train_state.TrainState):
   ema_params: Any = None
 
 
-def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """uint8 images -> float32 network input; identical for training and evaluation."""
-  return (images.astype(jnp.float32) - mean) / std
+def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array,
+               dtype: Any = jnp.float32) -> jax.Array:
+  """uint8 images -> network input in `dtype`; identical for training and evaluation.
+
+  The arithmetic is float32 whatever `dtype` (the compute dtype, config.compute_dtype), so that
+  bfloat16 runs see the float32 values rounded once.
+  """
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
@@ -64,7 +71,8 @@ def update_ema(state: 'TrainState', decay: float) -> 'TrainState':
 
   The decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
   num_updates): early on the average follows the weights closely, so that it does not drag the
-  random initialisation into short runs' evaluations.
+  random initialisation into short runs' evaluations. BatchNorm's moving statistics are not
+  averaged again: they already are a moving average, and evaluation uses them with the EMA params.
   """
   step = jnp.asarray(state.step, jnp.float32)
   d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
@@ -85,7 +93,8 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
                axis_name: str | None = None, label_smoothing: float = 0.0,
-               ema_decay: float = 0.0):
+               ema_decay: float = 0.0, compute_dtype: str = 'float32',
+               dropout_impl: str = 'hash'):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
@@ -94,14 +103,18 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   global batch's (with equal slices). Randomness is per call: under pmap, fold the device index
   into `key` when dropout or augmentation should differ between devices. `label_smoothing`
   applies to the training loss only (the reported loss is the smoothed one); `ema_decay` > 0
-  updates `state.ema_params` (`update_ema`).
+  updates `state.ema_params` (`update_ema`). `compute_dtype` 'bfloat16' runs activations in
+  bfloat16 (mixed precision); parameters, BatchNorm statistics, gradients and the loss stay
+  float32. `dropout_impl` picks how dropout masks are drawn (`layers.DROPOUT_IMPLS`).
   """
   x = preprocess(images, mean, std)
   if augment:
     x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
+  # Augmentation runs in float32 so that both precisions see the same augmented images.
+  x = x.astype(compute_dtype)
 
   def loss_fn(params):
-    with layers.batch_norm_axis(axis_name):
+    with layers.batch_norm_axis(axis_name), layers.dropout_impl(dropout_impl):
       logits, updates = state.apply_fn(
           {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
           rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
@@ -119,14 +132,16 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              mean: jax.Array, std: jax.Array, tta_flip: bool = False) -> jax.Array:
+              mean: jax.Array, std: jax.Array, tta_flip: bool = False,
+              compute_dtype: str = 'float32') -> jax.Array:
   """Sums of (loss, correct, count) over the masked examples of a batch.
 
   Uses `state.ema_params` when the state has them. With `tta_flip` the logits are the mean of
-  the image's and its left-right mirror's (test-time augmentation).
+  the image's and its left-right mirror's (test-time augmentation). `compute_dtype` as in
+  `train_step`; the loss is float32.
   """
   params = state.params if state.ema_params is None else state.ema_params
-  x = preprocess(images, mean, std)
+  x = preprocess(images, mean, std, compute_dtype)
   apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
                                    train=False)
   logits = apply(x)

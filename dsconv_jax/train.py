@@ -26,6 +26,7 @@ from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import data as data_lib
 from dsconv_jax import faults
 from dsconv_jax import fileio
+from dsconv_jax import layers
 from dsconv_jax import models
 from dsconv_jax import optim
 from dsconv_jax import reporting
@@ -55,10 +56,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('train_examples', 'eval_examples'):
     if int(config[key]) < 0:
       raise UserError(f'config.{key} must be >= 0 (0 means the whole split), got {config[key]}')
+  if config.get('compute_dtype', 'float32') not in steps.COMPUTE_DTYPES:
+    raise UserError(f'config.compute_dtype must be one of {", ".join(steps.COMPUTE_DTYPES)}, got '
+                    f'{config.compute_dtype!r}')
+  if config.get('dropout_impl', 'hash') not in layers.DROPOUT_IMPLS:
+    raise UserError(f'config.dropout_impl must be one of {", ".join(layers.DROPOUT_IMPLS)}, got '
+                    f'{config.dropout_impl!r}')
   n = jax.device_count()
   if config.batch_size % n:
     raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
                     f'use a multiple of {n}')
+
+
+def _precision_kwargs(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The compute dtype for train_step and eval_step alike: both must see the same network."""
+  return {'compute_dtype': config.get('compute_dtype', 'float32')}
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -178,14 +190,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   augment = augment_lib.parse(config.augment)
   step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment,
                               label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
-                              ema_decay=ema_decay)
+                              ema_decay=ema_decay, **_precision_kwargs(config),
+                              dropout_impl=config.get('dropout_impl', 'hash'))
   train_epoch = steps.make_train_epoch(
       mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
       num_examples=len(train.labels), seed_key=seed_key, step_fn=step_fn)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
   evaluate = steps.make_evaluate(
       mesh, batch_size=eval_batch,
-      step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d))
+      step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d,
+                                **_precision_kwargs(config)))
   put_split = lambda split: tuple(steps.put_sharded_rows(mesh, a)
                                   for a in steps.padded_split(split, eval_batch))
   val_arrays = put_split(val)
@@ -273,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # Reported beside test_accuracy, never in its place: the sources evaluated single views.
     evaluate_tta = steps.make_evaluate(
         mesh, batch_size=eval_batch,
-        step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d, tta_flip=True))
+        step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d, tta_flip=True,
+                                  **_precision_kwargs(config)))
     extra['test_accuracy_tta_flip'] = float(steps.host_value(
         evaluate_tta(state, *put_split(dataset.test))['accuracy']))
 

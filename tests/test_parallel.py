@@ -111,6 +111,9 @@ def test_same_seed_same_metrics_other_seed_differs(folder, tmp_path):
 
 def test_deterministic_config_sets_the_xla_gpu_flag(monkeypatch):
   from dsconv_jax import cli
+  from jax._src import xla_bridge
+  # Other tests in this process have started JAX; the flag itself is read when a backend starts.
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   config = get_testing_config()
   cli.apply_determinism(config)
@@ -120,3 +123,14 @@ def test_deterministic_config_sets_the_xla_gpu_flag(monkeypatch):
   cli.apply_determinism(config)  # idempotent
   assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=1',
                                              '--xla_gpu_deterministic_ops=true']
+
+
+def test_deterministic_after_jax_started_is_refused():
+  import jax
+  from dsconv_jax import cli
+  from dsconv_jax.errors import UserError
+  jax.devices()  # starts the backends, as a user's earlier JAX work would
+  config = get_testing_config()
+  config.deterministic = True
+  with pytest.raises(UserError, match='before JAX starts'):
+    cli.apply_determinism(config)

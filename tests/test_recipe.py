@@ -290,9 +290,10 @@ def test_full_recipe_trains_resumes_exactly_and_reports_tta(tmp_path, image_fold
   assert 0.0 <= summary['test_accuracy_tta_flip'] <= 1.0
   assert resumed_summary['test_accuracy_tta_flip'] == summary['test_accuracy_tta_flip']
   assert summary['test_accuracy'] == rows(straight)[-1]['val_accuracy']
-  # 24 images, batch 8: 3 steps per epoch; warm-up is epoch 1, so epoch 2 starts at the peak.
+  # 36 images, batch 8: 4 steps per epoch. Each epoch reports its first step's rate: 1/4 of the
+  # peak in the warm-up (epoch 1), the peak where the cosine starts (epoch 2).
   lrs = [r['learning_rate'] for r in rows(straight)]
-  np.testing.assert_allclose(lrs, [0.01 / 3, 0.01], rtol=1e-5)
+  np.testing.assert_allclose(lrs, [0.01 / 4, 0.01], rtol=1e-5)
 
 
 def test_tta_key_is_absent_when_off(tmp_path, image_folder):
