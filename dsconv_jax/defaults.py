@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.nesterov = False
   config.learning_rate = 0.01
   # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
-  # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0.
+  # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0
+  # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule).
   config.lr_schedule = 'inverse_time'
   config.lr_decay = 0.319
   # Linear warm-up of the per-step schedules over this many epochs (fractions allowed).

@@ -95,9 +95,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding='
   if m > 1:
     x = jnp.repeat(x, m, axis=-1)
   k = kernel.reshape(kh, kw, c * m).astype(x.dtype)
+  if strides == (1, 1):
+    return _shifted_taps(x, k, (dh, dw))
+  return _shifted_taps_strided(x, k, (sh, sw), (dh, dw), (out_h, out_w))
+
+
+def _shifted_taps_strided(x, k, strides, dilation, out_size):
+  """sum over taps (i, j) of the strided window of padded `x` at (i * dh, j * dw), times k[i, j]."""
+  (sh, sw), (dh, dw), (out_h, out_w) = strides, dilation, out_size
   out = None
-  for i in range(kh):
-    for j in range(kw):
+  for i in range(k.shape[0]):
+    for j in range(k.shape[1]):
       patch = jax.lax.slice(
           x, (0, i * dh, j * dw, 0),
           (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, x.shape[3]),
@@ -105,6 +113,44 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding='
       term = patch * k[i, j]
       out = term if out is None else out + term
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_taps(x, k, dilation):
+  """The shifted depthwise form at stride 1, on the padded input, with a hand-written gradient.
+
+  Autodiff of the slices gives one padded full-size tensor per tap for the input gradient, and
+  XLA's CPU backend then recomputes the producers of `x` (BatchNorm, dropout) inside each.
+  Written by hand, the input gradient is the same shifted form again (the padded output gradient
+  against the flipped kernel) and the kernel gradient one reduction per tap.
+  """
+  kh, kw = k.shape[:2]
+  dh, dw = dilation
+  out_size = (x.shape[1] - (kh - 1) * dh, x.shape[2] - (kw - 1) * dw)
+  return _shifted_taps_strided(x, k, (1, 1), dilation, out_size)
+
+
+def _shifted_taps_fwd(x, k, dilation):
+  return _shifted_taps(x, k, dilation), (x, k)
+
+
+def _shifted_taps_bwd(dilation, residuals, dy):
+  x, k = residuals
+  kh, kw = k.shape[:2]
+  dh, dw = dilation
+  # dx[h] = sum_i dy[h - i * dh] k[i]: the output gradient padded by (k - 1) * d on both sides,
+  # correlated with the flipped kernel.
+  ph, pw = (kh - 1) * dh, (kw - 1) * dw
+  dy_padded = jnp.pad(dy, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dx = _shifted_taps_strided(dy_padded, k[::-1, ::-1], (1, 1), dilation, x.shape[1:3])
+  oh, ow = dy.shape[1:3]
+  dk = jnp.stack([
+      jnp.stack([jnp.sum(x[:, i * dh:i * dh + oh, j * dw:j * dw + ow] * dy, axis=(0, 1, 2),
+                         dtype=jnp.float32) for j in range(kw)]) for i in range(kh)])
+  return dx, dk.astype(k.dtype)
+
+
+_shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
 
 
 @jax.custom_vjp
@@ -127,7 +173,8 @@ def _pointwise_conv_fwd(x, kernel):
 def _pointwise_conv_bwd(residuals, dy):
   x, kernel = residuals
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  return (dy2 @ kernel.T).reshape(x.shape), x2.T @ dy2
+  dkernel = jnp.matmul(x2.T, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
+  return (dy2 @ kernel.T).reshape(x.shape), dkernel
 
 
 pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
