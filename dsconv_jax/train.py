@@ -168,8 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     start_epoch, state = restored
-    print(f'resuming from the checkpoint of epoch {start_epoch} in {checkpoints.directory}',
-          flush=True)
+    if is_writer:
+      print(f'resuming from the checkpoint of epoch {start_epoch} in {checkpoints.directory}',
+            flush=True)
     if start_epoch > config.num_epochs:
       raise UserError(f'workdir {workdir!r} already holds {start_epoch} epochs, more than '
                       f'config.num_epochs={config.num_epochs}; raise num_epochs or use a new '
