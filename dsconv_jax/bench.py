@@ -21,8 +21,9 @@ from dsconv_jax import cli
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
-flags.DEFINE_string('workdir', None, 'Folder for the per-seed runs and bench.json.')
-flags.DEFINE_list('seeds', ['0', '1', '2', '3', '4'], 'Comma-separated seeds, e.g. 0,1,2,3,4.')
+cli.flag(flags.DEFINE_string, 'workdir', None, 'Folder for the per-seed runs and bench.json.')
+cli.flag(flags.DEFINE_list, 'seeds',
+         ['0', '1', '2', '3', '4'], 'Comma-separated seeds, e.g. 0,1,2,3,4.')
 cli.define_distributed_flags()
 
 METRICS = ('max_val_accuracy', 'test_accuracy', 'train_seconds')

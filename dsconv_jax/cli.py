@@ -20,13 +20,28 @@ FLAGS = flags.FLAGS
 logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
 
 
+def flag(define: Callable[..., object], name: str, *args, **kwargs) -> None:
+  """Defines a flag unless an entry point imported earlier in this process already did.
+
+  Each entry point (main, summary, bench, throughput) defines its flags at import, as absl
+  programs do; tests and tools that import several of them in one process would otherwise fail
+  with DuplicateFlagError.
+  """
+  if name not in FLAGS:
+    define(name, *args, **kwargs)
+
+
 def define_config_flag() -> None:
+  if 'config' in FLAGS:
+    return
   config_flags.DEFINE_config_file(
       'config', None, 'Config file defining get_config(), e.g. configs/model3.py; override values '
       'with --config.KEY=VALUE.', lock_config=True)
 
 
 def define_distributed_flags() -> None:
+  if 'coordinator_address' in FLAGS:
+    return
   flags.DEFINE_string('coordinator_address', None,
                       'HOST:PORT of process 0, to train on several hosts (not needed on Cloud TPU '
                       'VMs, where jax.distributed initialises itself).')

@@ -8,8 +8,10 @@ Sources (`config.dataset`):
 * `cifar10` or any tfds image-classification name, through tensorflow-datasets (`tfds_source`);
 * `folder:ROOT`, the layout `ROOT/{train,test}/<class>/<image>` (JPEG, PNG, ... of any size,
   RGB or grayscale), read with Pillow alone, without TensorFlow. Class ids follow the sorted class
-  folder names (CIFAR-10's ids for the CIFAR-10 folders). Decoded arrays are cached in
-  `cache_dir` (keyed by the files' names, sizes and times), so the next run skips decoding.
+  folder names (CIFAR-10's ids for the CIFAR-10 folders).
+
+Decoded arrays of both sources are cached in `cache_dir` (keyed by the source files' names, sizes
+and times: the images, or the prepared tfds files), so the next run skips decoding.
 """
 
 from __future__ import annotations
@@ -60,12 +62,30 @@ def load_dataset(dataset: str, data_dir: str | None = None, cache_dir: str | Non
     root = os.path.expanduser(dataset[len('folder:'):])
     return load_folder(root, cache_dir=cache_dir, image_size=image_size)
   from dsconv_jax import tfds_source  # TensorFlow only when this source is used.
+  source = f'tfds:{dataset}'
+
+  def cache_path() -> tuple[str | None, list[str]]:
+    # Keyed by the prepared files (names, sizes, times), like folder datasets by their images.
+    prepared = tfds_source.prepared_fingerprint(dataset, data_dir or None) if cache_dir else None
+    if prepared is None:
+      return None, []
+    key, names = prepared
+    digest = hashlib.sha256(f'v1|{dataset}|{image_size}|{key}'.encode()).hexdigest()[:24]
+    return os.path.join(os.path.expanduser(cache_dir), f'tfds-{digest}.npz'), names
+
+  path, class_names = cache_path()
+  cached = _read_cache(path) if path else None
+  if cached is not None:
+    return Dataset(cached['train'], cached['test'], class_names, source)
   splits = {}
-  class_names: list[str] = []
   for split in SPLITS:
     images, labels, class_names = tfds_source.load_split(dataset, split, data_dir or None)
     splits[split] = Split(_resize_all(images, image_size), labels.astype(np.int32))
-  return Dataset(splits['train'], splits['test'], class_names, f'tfds:{dataset}')
+  if path is None:
+    path, _ = cache_path()  # Prepared by this load.
+  if path:
+    _write_cache(path, splits)
+  return Dataset(splits['train'], splits['test'], class_names, source)
 
 
 def _list_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
@@ -171,13 +191,17 @@ def load_folder(root: str, cache_dir: str | None = None, image_size: int = 0) ->
     raise UserError(f'train images are {splits["train"].images.shape[1:]} but test images are '
                     f'{splits["test"].images.shape[1:]}; set --config.image_size=N')
   if cache_path:
-    try:
-      fileio.atomic_write_npz(cache_path, train_images=splits['train'].images,
-                              train_labels=splits['train'].labels,
-                              test_images=splits['test'].images, test_labels=splits['test'].labels)
-    except OSError:
-      pass  # The cache only saves time; an unwritable cache directory is not an error.
+    _write_cache(cache_path, splits)
   return Dataset(splits['train'], splits['test'], class_names, f'folder:{root}')
+
+
+def _write_cache(path: str, splits: dict[str, Split]) -> None:
+  try:
+    fileio.atomic_write_npz(path, train_images=splits['train'].images,
+                            train_labels=splits['train'].labels,
+                            test_images=splits['test'].images, test_labels=splits['test'].labels)
+  except OSError:
+    pass  # The cache only saves time; an unwritable cache directory is not an error.
 
 
 def _read_cache(path: str) -> dict[str, Split] | None:

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'
   # tfds data_dir ('' = tfds' default, ~/tensorflow_datasets).
   config.data_dir = ''
-  # Where decoded image-folder datasets are cached as uint8 arrays ('' = no cache).
+  # Where decoded datasets (image folders and tfds) are cached as uint8 arrays ('' = no cache).
   config.cache_dir = '~/.cache/dsconv_jax'
   # Resize every image to image_size x image_size (0 = keep the stored size, which must be uniform).
   config.image_size = 0

@@ -12,9 +12,15 @@ Keras and their parameter counts and training dynamics depend on them:
 
 Depthwise convolution has two numerically equivalent implementations (`impl`):
 'grouped' is `lax.conv_general_dilated` with `feature_group_count=in_channels`; 'shifted' sums
-kh*kw shifted, scaled copies of the input. XLA's CPU backend runs the shifted form about 1.7x faster
-(issue 3's measurement), while the grouped form keeps one fused convolution on accelerators.
-'auto' picks 'shifted' on CPU and 'grouped' elsewhere.
+kh*kw shifted, scaled copies of the input (at stride 1 with a hand-written gradient). Inside
+Model 3's compiled CPU epoch the shifted form trains about 80x faster than the grouped one
+(results/throughput-cpu-forms), while the grouped form keeps one fused convolution on
+accelerators. 'auto' picks 'shifted' on CPU and 'grouped' elsewhere (GPU and TPU: still to be
+measured).
+
+Several layers carry a `jax.custom_vjp` for speed on XLA's CPU backend (pointwise convolution,
+tiled max pooling, the stride-1 shifted depthwise form) and dropout draws its masks from a counter
+hash; each is measured against the plain form in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -422,22 +428,32 @@ def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
   return x[:, :oh * ph, :ow * pw].reshape(n, oh, ph, ow, pw, c)
 
 
+def _window_positions(shape, window):
+  """Each element's row-major position inside its window, for `_windows`-shaped arrays."""
+  dtype = jnp.int8 if window[0] * window[1] < 127 else jnp.int32
+  return (jax.lax.broadcasted_iota(dtype, shape, 2) * dtype(window[1])
+          + jax.lax.broadcasted_iota(dtype, shape, 4))
+
+
 def _tiled_max_pool_fwd(x, window):
-  y = _windows(x, window).max(axis=(2, 4))
-  return y, (x, y)
+  xw = _windows(x, window)
+  y = xw.max(axis=(2, 4))
+  # The first maximum's position is kept (one byte per output) rather than `x`: recomputing
+  # it in the backward pass from `x` also recomputed everything fused into `x`.
+  position = _window_positions(xw.shape, window)
+  first = jnp.min(jnp.where(xw == y[:, :, None, :, None], position, jnp.iinfo(position.dtype).max),
+                  axis=(2, 4))
+  return y, (first, x.shape)
 
 
 def _tiled_max_pool_bwd(window, residuals, dy):
-  x, y = residuals
-  xw = _windows(x, window)
+  first, (n, h, w, c) = residuals
   ph, pw = window
-  position = (jax.lax.broadcasted_iota(jnp.int32, xw.shape, 2) * pw
-              + jax.lax.broadcasted_iota(jnp.int32, xw.shape, 4))
-  first = jnp.min(jnp.where(xw == y[:, :, None, :, None], position, ph * pw), axis=(2, 4),
-                  keepdims=True)
-  dxw = jnp.where(position == first, dy[:, :, None, :, None], jnp.zeros((), dy.dtype))
-  n, h, w, c = x.shape
-  dx = dxw.reshape(n, xw.shape[1] * ph, xw.shape[3] * pw, c)
+  oh, ow = dy.shape[1:3]
+  position = _window_positions((n, oh, ph, ow, pw, c), window)
+  dxw = jnp.where(position == first[:, :, None, :, None], dy[:, :, None, :, None],
+                  jnp.zeros((), dy.dtype))
+  dx = dxw.reshape(n, oh * ph, ow * pw, c)
   return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
 
 

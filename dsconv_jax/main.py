@@ -9,9 +9,11 @@ from dsconv_jax import cli
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
-flags.DEFINE_string('workdir', None, 'Folder for metrics, summary, checkpoints and curves.')
-flags.DEFINE_bool('quiet', False, 'No per-epoch progress lines (the run still writes all its '
-                  'files and prints its final line and any error).')
+cli.flag(flags.DEFINE_string, 'workdir', None,
+         'Folder for metrics, summary, checkpoints and curves.')
+cli.flag(flags.DEFINE_bool, 'quiet', False,
+         'No per-epoch progress lines (the run still writes all its files and prints its final '
+         'line and any error).')
 cli.define_distributed_flags()
 
 

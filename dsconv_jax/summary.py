@@ -19,10 +19,10 @@ from dsconv_jax import cli
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
-flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
-flags.DEFINE_string('input_shape', '',
+cli.flag(flags.DEFINE_bool, 'json', False, 'Print one JSON object instead of the table.')
+cli.flag(flags.DEFINE_string, 'input_shape', '',
                     'H,W,C of the input (default: 32,32,3, or config.image_size if set).')
-flags.DEFINE_integer('num_classes', 10, 'Number of classes of the output layer.')
+cli.flag(flags.DEFINE_integer, 'num_classes', 10, 'Number of classes of the output layer.')
 
 
 def input_shape(config) -> tuple[int, int, int]:

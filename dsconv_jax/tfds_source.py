@@ -241,6 +241,30 @@ def _to_numpy(source: Any, image_key: str, label_key: str, image_shape: Any, nam
   return images, labels
 
 
+def prepared_fingerprint(name: str, data_dir: str | None) -> tuple[str, list[str]] | None:
+  """(a key of the prepared files, class names) of a prepared dataset; None if not prepared.
+
+  The key names every file of the prepared version with its size and modification time, so a
+  cache of the decoded arrays (`dsconv_jax.data`) is used only while those files are unchanged.
+  Reading the dataset info is cheap; decoding the images is what the cache saves.
+  """
+  tfds = _import_tfds()
+  if data_dir:
+    data_dir = os.path.expanduser(data_dir)
+  builder = _make_builder(tfds, name, data_dir)
+  if not builder.is_prepared():
+    return None
+  info = builder.info
+  _, label_key = _feature_keys(tfds, info, name)
+  root = os.fspath(builder.data_dir)
+  entries = []
+  for file_name in sorted(os.listdir(root)):
+    st = os.stat(os.path.join(root, file_name))
+    entries.append(f'{file_name}|{st.st_size}|{st.st_mtime_ns}')
+  key = f'{root}|{builder.info.full_name}|' + ';'.join(entries)
+  return key, [str(c) for c in info.features[label_key].names]
+
+
 def load_split(name: str, split: str,
                data_dir: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """Loads one split of a tfds image classification dataset into memory.

@@ -41,21 +41,22 @@ from dsconv_jax.errors import UsageError, UserError
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
-flags.DEFINE_bool('json', False, 'Print one JSON object instead of the table.')
-flags.DEFINE_enum('peer', '', ['', 'pytorch', 'keras'],
-                  'Also measure this framework training the same model, in the same run.')
-flags.DEFINE_integer('steps', 20, 'Train steps per timed chunk (one compiled epoch).')
-flags.DEFINE_integer('chunks', 3, 'Timed chunks per runner, after one untimed warm-up chunk.')
-flags.DEFINE_string('depthwise_impl', '',
-                    'Comma-separated depthwise forms to measure (auto, grouped, shifted); '
-                    'default: config.depthwise_impl.')
-flags.DEFINE_string('compute_dtype', '',
-                    'Comma-separated compute dtypes (float32, bfloat16); default: the config\'s.')
-flags.DEFINE_string('dropout_impl', '',
-                    'Comma-separated dropout mask generators (hash, threefry); default: the '
-                    'config\'s.')
-flags.DEFINE_bool('peer_compile', True,
-                  'Include the peer\'s compiled variants (torch.compile, Keras with XLA).')
+cli.flag(flags.DEFINE_bool, 'json', False, 'Print one JSON object instead of the table.')
+cli.flag(flags.DEFINE_enum, 'peer', '', ['', 'pytorch', 'keras'],
+         'Also measure this framework training the same model, in the same run.')
+cli.flag(flags.DEFINE_integer, 'steps', 20, 'Train steps per timed chunk (one compiled epoch).')
+cli.flag(flags.DEFINE_integer, 'chunks', 3,
+         'Timed chunks per runner, after one untimed warm-up chunk.')
+cli.flag(flags.DEFINE_string, 'depthwise_impl', '',
+         'Comma-separated depthwise forms to measure (auto, grouped, shifted); '
+         'default: config.depthwise_impl.')
+cli.flag(flags.DEFINE_string, 'compute_dtype', '',
+         'Comma-separated compute dtypes (float32, bfloat16); default: the config\'s.')
+cli.flag(flags.DEFINE_string, 'dropout_impl', '',
+         'Comma-separated dropout mask generators (hash, threefry); default: the '
+         'config\'s.')
+cli.flag(flags.DEFINE_bool, 'peer_compile', True,
+         'Include the peer\'s compiled variants (torch.compile, Keras with XLA).')
 
 # The 50,000 training images of CIFAR-10: seconds per epoch = this / images per second.
 EPOCH_IMAGES = 50_000

@@ -1,5 +1,6 @@
 """Layers: parameter counts and output shapes against the Keras formulas; depthwise forms agree."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +121,64 @@ def test_depthwise_matches_direct_formula():
 def test_unknown_depthwise_impl_is_rejected():
   with pytest.raises(ValueError, match='depthwise_impl'):
     layers.resolve_depthwise_impl('fft')
+
+
+def test_hash_dropout_mask_rate_determinism_and_independence():
+  key = jax.random.key(3)
+  shape = (64, 32, 32, 16)
+  mask = np.asarray(layers.hash_keep_mask(key, 0.25, shape))
+  assert mask.dtype == bool and mask.shape == shape
+  assert abs(mask.mean() - 0.75) < 0.003  # 1M draws: the standard error is 0.0004.
+  np.testing.assert_array_equal(mask, layers.hash_keep_mask(key, 0.25, shape))
+  other = np.asarray(layers.hash_keep_mask(jax.random.fold_in(key, 1), 0.25, shape))
+  assert (mask != other).any()
+  # Independent streams: both keep with probability 0.75 ** 2.
+  assert abs((mask & other).mean() - 0.5625) < 0.003
+  # Neighbours within one mask are not correlated either (rows, columns, channels).
+  for axis in (1, 2, 3):
+    a, b = np.moveaxis(mask, axis, 0)[:-1], np.moveaxis(mask, axis, 0)[1:]
+    assert abs((a & b).mean() - 0.5625) < 0.003, axis
+  assert layers.hash_keep_mask(key, 0.0, (3,)).all()
+
+
+def test_dropout_impls_scale_kept_units_and_threefry_is_flax_dropout():
+  x = jnp.ones((4, 8, 8, 16))
+  rngs = {'dropout': jax.random.key(7)}
+  for impl in layers.DROPOUT_IMPLS:
+    with layers.dropout_impl(impl):
+      y = layers.Dropout(0.2).apply({}, x, train=True, rngs=rngs)
+      assert (layers.Dropout(0.2).apply({}, x, train=False) == x).all()
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.8, rtol=1e-6)
+    assert 0.7 < kept.mean() < 0.9, impl
+  # 'threefry' draws what Flax's nn.Dropout draws (the masks of runs before 'hash' existed).
+  with layers.dropout_impl('threefry'):
+    y = layers.Dropout(0.2).apply({}, x, train=True, rngs=rngs)
+
+
+  class FlaxDropoutInside(nn.Module):  # Same module path, so the same rng.
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dropout(0.2, deterministic=False, name='Dropout_0')(x)
+
+  np.testing.assert_array_equal(y, FlaxDropoutInside().apply({}, x, rngs=rngs))
+  with pytest.raises(ValueError, match='dropout_impl'):
+    with layers.dropout_impl('philox'):
+      pass
+
+
+def test_tiled_max_pool_and_pointwise_conv_match_their_reference_gradients():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 3)), jnp.float32)
+  x = x.at[0, 0, 1, 0].set(5.0).at[0, 1, 0, 0].set(5.0)  # A tie: the first maximum gets it all.
+  pool = lambda f: jax.value_and_grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  (v1, g1), (v2, g2) = (pool(lambda x: layers.tiled_max_pool(x, (2, 2))),
+                        pool(lambda x: nn.max_pool(x, (2, 2), (2, 2), padding='VALID')))
+  assert v1 == v2
+  np.testing.assert_array_equal(g1, g2)
+  k = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  conv = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+  for a, b in zip(conv(layers.pointwise_conv),
+                  conv(lambda x, k: jnp.einsum('nhwc,cf->nhwf', x, k))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

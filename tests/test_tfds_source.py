@@ -172,3 +172,23 @@ def test_can_reach_false_for_closed_port():
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
   assert not tfds_source._can_reach('127.0.0.1', port, 1.0)
+
+
+def test_decoded_tfds_dataset_is_cached_for_the_next_run(monkeypatch, tmp_path, no_network):
+  pytest.importorskip('tensorflow')  # Preparing writes tf.train.Example records.
+  from dsconv_jax import data  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / 'cache'
+  first = data.load_dataset('tiny_labeled_images', str(tmp_path / 'tfds'), str(cache))
+  assert len(list(cache.glob('tfds-*.npz'))) == 1
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError('the cached dataset was decoded again')
+
+  monkeypatch.setattr(tfds_source, 'load_split', no_decoding)
+  again = data.load_dataset('tiny_labeled_images', str(tmp_path / 'tfds'), str(cache))
+  for split in ('train', 'test'):
+    np.testing.assert_array_equal(getattr(again, split).images, getattr(first, split).images)
+    np.testing.assert_array_equal(getattr(again, split).labels, getattr(first, split).labels)
+  assert again.class_names == first.class_names == _TINY_NAMES
+  assert again.source == first.source
+  assert not no_network

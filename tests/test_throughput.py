@@ -1,0 +1,80 @@
+"""dsconv_jax.throughput: the JSON contract, side-by-side variants, the peers and their errors.
+
+Only the shape of the results is tested, never a speed: timings on a shared CPU are not a test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsconv_jax import throughput
+from dsconv_jax.defaults import get_testing_config
+from dsconv_jax.errors import UsageError, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_prints_one_json_object_with_every_variant():
+  out = subprocess.run(
+      [sys.executable, '-m', 'dsconv_jax.throughput', '--config=configs/tiny.py', '--json',
+       '--steps=2', '--chunks=1', '--depthwise_impl=shifted,grouped'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  result = json.loads(out.stdout)
+  for key in ('device', 'batch_size', 'train_images_per_second', 'compile_seconds',
+              'epoch_seconds_50k', 'variants', 'versions'):
+    assert key in result, key
+  assert result['batch_size'] == 8 and result['device'].startswith('cpu')
+  assert [v['depthwise_impl'] for v in result['variants']] == ['shifted', 'grouped']
+  assert result['depthwise_impl'] == 'shifted'  # The first listed value is the headline.
+  for v in result['variants']:
+    assert v['train_images_per_second'] > 0 and len(v['chunk_seconds']) == 1
+    assert v['epoch_seconds_50k'] == pytest.approx(50_000 / v['train_images_per_second'])
+  assert 'ratio' not in result and 'peer_images_per_second' not in result
+
+
+def test_variants_are_every_combination_and_bad_values_are_usage_errors():
+  config = get_testing_config()
+  variants = throughput.variants_of(config, 'grouped,shifted', 'float32,bfloat16', '')
+  assert len(variants) == 4 and {v['dropout_impl'] for v in variants} == {config.dropout_impl}
+  assert variants[0] == {'depthwise_impl': 'grouped', 'compute_dtype': 'float32',
+                         'dropout_impl': config.dropout_impl}
+  with pytest.raises(UsageError, match='compute_dtype'):
+    throughput.variants_of(config, '', 'float16', '')
+
+
+@pytest.mark.parametrize('peer,module,message', [('pytorch', 'torch', 'needs PyTorch'),
+                                                 ('keras', 'tensorflow', 'needs TensorFlow')])
+def test_missing_peer_framework_is_a_one_line_user_error(monkeypatch, peer, module, message):
+  monkeypatch.setitem(sys.modules, module, None)  # `import torch` now raises ImportError.
+  with pytest.raises(UserError, match=message) as e:
+    throughput.load_peer(peer)
+  assert '\n' not in str(e.value)
+
+
+def test_missing_peer_exits_1_with_the_message(tmp_path):
+  # A stand-in `torch` that fails to import, first on the path of a fresh interpreter.
+  (tmp_path / 'torch.py').write_text('raise ImportError("no torch here")\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  out = subprocess.run(
+      [sys.executable, '-m', 'dsconv_jax.throughput', '--config=configs/tiny.py',
+       '--peer=pytorch', '--steps=1', '--chunks=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith('error: --peer=pytorch needs PyTorch')
+  assert 'Traceback' not in out.stderr
+
+
+def test_pytorch_peer_is_measured_in_the_same_run():
+  pytest.importorskip('torch')
+  config = get_testing_config()
+  result = throughput.measure(config, peer='pytorch', steps_per_chunk=1, chunks=1,
+                              peer_compile=False)
+  assert [r['name'] for r in result['peer_variants']] == ['eager NCHW', 'eager channels_last']
+  assert result['peer_variant'] in ('eager NCHW', 'eager channels_last')
+  assert result['ratio'] == pytest.approx(
+      result['train_images_per_second'] / result['peer_images_per_second'])
+  assert 'torch' in result['peer_versions']
+  json.dumps(result)  # JSON-ready.
