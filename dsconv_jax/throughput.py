@@ -8,7 +8,8 @@ Times whole compiled epochs of `dsconv_jax.steps` (a `lax.scan` of `--steps` tra
 gathering its batch from a device-resident uint8 dataset, preprocessing, augmenting and updating,
 exactly as `main` trains) on synthetic data: random uint8 images and labels, config.batch_size
 per step. Each timed chunk ends in `block_until_ready`; compilation and one warm-up chunk are not
-timed. Images per second are the best chunk's (the least disturbed by other work on the machine).
+timed (a peer's `compile_seconds` is its whole warm-up chunk). Images per second are the best
+chunk's (the least disturbed by other work on the machine).
 
 The comma-separated `--depthwise_impl`, `--compute_dtype` and `--dropout_impl` lists measure every
 combination side by side; the first of each list (default: the config's value) is the headline.
@@ -85,6 +86,8 @@ class JaxRunner(Runner):
     self.config = config
     self.variant = variant
     self.name = ' '.join(f'{k}={v}' for k, v in variant.items())
+    if steps_per_chunk <= 0:
+      raise UsageError(f'--steps must be positive, got {steps_per_chunk}')
     self.steps_per_chunk = steps_per_chunk
     self.images_per_chunk = steps_per_chunk * config.batch_size
     self._epoch = 0
