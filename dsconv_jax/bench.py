@@ -6,6 +6,13 @@ Trains seed n into DIR/seed_<n>/ exactly as `dsconv_jax.main` would (resumable t
 seed whose run already finished with the same config is not trained again), then writes
 DIR/bench.json with the per-seed summaries and the mean and sample standard deviation (ddof=1)
 of max_val_accuracy, test_accuracy and train_seconds, and prints them as a table.
+
+Time to accuracy: for each seed, the first epoch whose validation accuracy passes
+`--target_accuracy` (default 0.8293, the source baseline's max val accuracy) and the seconds
+up to the end of that epoch (the sum of metrics.jsonl's `epoch_seconds`, training and validation,
+compilation excluded: what summary.json's `train_seconds` sums over all epochs), as `epochs_to_target` / `seconds_to_target` (null where the
+run never passed it); bench.json's `to_target` gives how many seeds passed and the mean and sample
+standard deviation of both over those seeds.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ cli.define_config_flag()
 cli.flag(flags.DEFINE_string, 'workdir', None, 'Folder for the per-seed runs and bench.json.')
 cli.flag(flags.DEFINE_list, 'seeds',
          ['0', '1', '2', '3', '4'], 'Comma-separated seeds, e.g. 0,1,2,3,4.')
+cli.flag(flags.DEFINE_float, 'target_accuracy', 0.8293,
+         'Validation accuracy whose first passing epoch and training seconds are reported.')
 cli.define_distributed_flags()
 
 METRICS = ('max_val_accuracy', 'test_accuracy', 'train_seconds')
@@ -56,6 +65,29 @@ def finished_summary(seed_dir: str, config) -> dict[str, Any] | None:
   return summary if summary.get('epochs') == config.num_epochs else None
 
 
+def time_to_target(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
+  """First epoch whose val_accuracy exceeds `target`, and the seconds of epochs through it."""
+  seconds = 0.0
+  for row in sorted(rows, key=lambda r: r['epoch']):
+    seconds += row['epoch_seconds']
+    if row['val_accuracy'] > target:
+      return {'epochs_to_target': row['epoch'], 'seconds_to_target': seconds}
+  return {'epochs_to_target': None, 'seconds_to_target': None}
+
+
+def target_stats(times: dict[int, dict[str, Any]], target: float) -> dict[str, Any]:
+  """How many seeds passed `target`, and mean and std of their epochs and seconds to it."""
+  passed = [t for t in times.values() if t['epochs_to_target'] is not None]
+  out: dict[str, Any] = {'target_accuracy': target, 'reached': len(passed), 'mean': {},
+                         'std': {}}
+  for key in ('epochs_to_target', 'seconds_to_target'):
+    values = np.array([t[key] for t in passed], np.float64)
+    out['mean'][key] = float(values.mean()) if len(values) else None
+    out['std'][key] = float(values.std(ddof=1)) if len(values) > 1 else (
+        0.0 if len(values) else None)
+  return out
+
+
 def aggregate(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
   """Mean and sample standard deviation (0 for a single seed) of each benchmark metric."""
   out: dict[str, Any] = {'n': len(summaries), 'mean': {}, 'std': {}}
@@ -66,23 +98,43 @@ def aggregate(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def format_table(summaries: dict[int, dict[str, Any]], stats: dict[str, Any]) -> str:
-  rows = [('seed', 'max val acc', 'best epoch', 'test acc', 'train s')]
+def _to_target_cell(epochs, seconds) -> str:
+  return '-' if epochs is None else f'epoch {epochs:g}, {seconds:.1f} s'
+
+
+def format_table(summaries: dict[int, dict[str, Any]], stats: dict[str, Any],
+                 times: dict[int, dict[str, Any]] | None = None,
+                 to_target: dict[str, Any] | None = None) -> str:
+  header = ('seed', 'max val acc', 'best epoch', 'test acc', 'train s')
+  if to_target is not None:
+    header += (f'passes {100 * to_target["target_accuracy"]:.2f}% at',)
+  rows = [header]
   for seed, s in summaries.items():
-    rows.append((str(seed), f'{100 * s["max_val_accuracy"]:.2f}%', str(s['best_epoch']),
-                 f'{100 * s["test_accuracy"]:.2f}%', f'{s["train_seconds"]:.1f}'))
+    row = (str(seed), f'{100 * s["max_val_accuracy"]:.2f}%', str(s['best_epoch']),
+           f'{100 * s["test_accuracy"]:.2f}%', f'{s["train_seconds"]:.1f}')
+    if to_target is not None:
+      row += (_to_target_cell(times[seed]['epochs_to_target'], times[seed]['seconds_to_target']),)
+    rows.append(row)
   m, sd = stats['mean'], stats['std']
-  rows.append((f'mean ± std (n={stats["n"]})',
-               f'{100 * m["max_val_accuracy"]:.2f} ± {100 * sd["max_val_accuracy"]:.2f}%', '',
-               f'{100 * m["test_accuracy"]:.2f} ± {100 * sd["test_accuracy"]:.2f}%',
-               f'{m["train_seconds"]:.1f} ± {sd["train_seconds"]:.1f}'))
+  row = (f'mean ± std (n={stats["n"]})',
+         f'{100 * m["max_val_accuracy"]:.2f} ± {100 * sd["max_val_accuracy"]:.2f}%', '',
+         f'{100 * m["test_accuracy"]:.2f} ± {100 * sd["test_accuracy"]:.2f}%',
+         f'{m["train_seconds"]:.1f} ± {sd["train_seconds"]:.1f}')
+  if to_target is not None:
+    tm, ts = to_target['mean'], to_target['std']
+    row += ('-' if not to_target['reached'] else
+            f'epoch {tm["epochs_to_target"]:.1f} ± {ts["epochs_to_target"]:.1f}, '
+            f'{tm["seconds_to_target"]:.1f} ± {ts["seconds_to_target"]:.1f} s '
+            f'({to_target["reached"]}/{stats["n"]} seeds)',)
+  rows.append(row)
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |' for r in rows]
   lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
   return '\n'.join(lines)
 
 
-def run_bench(config, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
+def run_bench(config, workdir: str, seeds: Sequence[int],
+              target_accuracy: float = 0.8293) -> dict[str, Any]:
   """Trains (or resumes, or keeps) one run per seed and writes DIR/bench.json."""
   import jax
   from dsconv_jax import fileio, train
@@ -102,9 +154,15 @@ def run_bench(config, workdir: str, seeds: Sequence[int]) -> dict[str, Any]:
   stats = aggregate(summaries)
   result = {'seeds': list(seeds), **stats,
             'runs': {str(seed): s for seed, s in summaries.items()}}
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl.
+    times = {seed: time_to_target(
+        fileio.read_jsonl(os.path.join(workdir, f'seed_{seed}', 'metrics.jsonl')),
+        target_accuracy) for seed in seeds}
+    to_target = target_stats(times, target_accuracy)
+    result['to_target'] = {**to_target,
+                           'runs': {str(seed): t for seed, t in times.items()}}
     fileio.atomic_write_json(os.path.join(workdir, 'bench.json'), result)
-    print(format_table(summaries, stats), flush=True)
+    print(format_table(summaries, stats, times, to_target), flush=True)
   return result
 
 
@@ -114,9 +172,12 @@ def run(argv) -> None:
   if not FLAGS.workdir:
     raise cli.UsageError('--workdir=DIR is required (where the per-seed runs go)')
   seeds = parse_seeds(FLAGS.seeds)
+  if not 0.0 <= FLAGS.target_accuracy <= 1.0:
+    raise cli.UsageError('--target_accuracy must be a fraction in [0, 1], got '
+                         f'{FLAGS.target_accuracy}')
   cli.apply_determinism(config)
   cli.initialize_distributed()
-  run_bench(config, FLAGS.workdir, seeds)
+  run_bench(config, FLAGS.workdir, seeds, FLAGS.target_accuracy)
 
 
 if __name__ == '__main__':

@@ -39,6 +39,13 @@ def test_bench_writes_statistics_and_resumes(image_folder, tmp_path):
     with open(workdir / f'seed_{seed}' / 'summary.json') as f:
       assert json.load(f) == result['runs'][str(seed)]
   assert 'mean ± std (n=2)' in out.stdout
+  # Time to the default target (the source baseline's 82.93%), from each seed's metrics.jsonl.
+  to_target = result['to_target']
+  assert to_target['target_accuracy'] == pytest.approx(0.8293)
+  for seed in ('0', '1'):
+    rows = [json.loads(line) for line in open(workdir / f'seed_{seed}' / 'metrics.jsonl')]
+    assert to_target['runs'][seed] == bench.time_to_target(rows, 0.8293)
+  assert 'passes 82.93% at' in out.stdout
   # Rerunning keeps finished seeds; a longer run resumes each seed from its checkpoint.
   again = _bench(image_folder, workdir)
   assert again.returncode == 0 and again.stdout.count('not retrained') == 2
@@ -53,6 +60,43 @@ def test_aggregate_single_seed_has_zero_std():
   stats = bench.aggregate({3: {'max_val_accuracy': 0.5, 'test_accuracy': 0.4,
                                'train_seconds': 2.0}})
   assert stats['std'] == {'max_val_accuracy': 0.0, 'test_accuracy': 0.0, 'train_seconds': 0.0}
+
+
+def test_time_to_target_takes_first_epoch_strictly_above():
+  rows = [{'epoch': 2, 'val_accuracy': 0.83, 'epoch_seconds': 2.0},
+          {'epoch': 1, 'val_accuracy': 0.8293, 'epoch_seconds': 1.5},
+          {'epoch': 3, 'val_accuracy': 0.9, 'epoch_seconds': 4.0}]
+  assert bench.time_to_target(rows, 0.8293) == {'epochs_to_target': 2, 'seconds_to_target': 3.5}
+  assert bench.time_to_target(rows, 0.95) == {'epochs_to_target': None,
+                                               'seconds_to_target': None}
+  assert bench.time_to_target([], 0.5)['epochs_to_target'] is None
+
+
+def test_target_stats_over_the_seeds_that_passed():
+  times = {0: {'epochs_to_target': 2, 'seconds_to_target': 3.0},
+           1: {'epochs_to_target': 4, 'seconds_to_target': 5.0},
+           2: {'epochs_to_target': None, 'seconds_to_target': None}}
+  stats = bench.target_stats(times, 0.8)
+  assert stats['reached'] == 2
+  assert stats['mean'] == {'epochs_to_target': 3.0, 'seconds_to_target': 4.0}
+  assert stats['std']['epochs_to_target'] == pytest.approx(np.std([2, 4], ddof=1))
+  table = bench.format_table(
+      {s: {'max_val_accuracy': 0.9, 'best_epoch': 3, 'test_accuracy': 0.9, 'train_seconds': 6.0}
+       for s in times}, bench.aggregate(
+           {s: {'max_val_accuracy': 0.9, 'test_accuracy': 0.9, 'train_seconds': 6.0}
+            for s in times}), times, stats)
+  assert 'epoch 2, 3.0 s' in table and '(2/3 seeds)' in table
+  none = bench.target_stats({0: times[2]}, 0.8)
+  assert none['reached'] == 0 and none['mean']['seconds_to_target'] is None
+
+
+def test_target_accuracy_outside_0_1_is_a_usage_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'dsconv_jax.bench', '--config=configs/tiny.py', '--seeds=0',
+       f'--workdir={tmp_path}', '--target_accuracy=83'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert '--target_accuracy must be a fraction' in out.stderr
 
 
 def test_bad_seeds_are_usage_errors():
