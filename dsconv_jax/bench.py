@@ -8,11 +8,12 @@ DIR/bench.json with the per-seed summaries and the mean and sample standard devi
 of max_val_accuracy, test_accuracy and train_seconds, and prints them as a table.
 
 Time to accuracy: for each seed, the first epoch whose validation accuracy passes
-`--target_accuracy` (default 0.8293, the source baseline's max val accuracy) and the seconds
-up to the end of that epoch (the sum of metrics.jsonl's `epoch_seconds`, training and validation,
-compilation excluded: what summary.json's `train_seconds` sums over all epochs), as `epochs_to_target` / `seconds_to_target` (null where the
-run never passed it); bench.json's `to_target` gives how many seeds passed and the mean and sample
-standard deviation of both over those seeds.
+`--target_accuracy` (default 0.8293, the source baseline's max val accuracy) and the seconds up
+to the end of that epoch (the sum of metrics.jsonl's `epoch_seconds`: training and validation,
+compilation excluded, as summary.json's `train_seconds` sums over all epochs), as
+`epochs_to_target` / `seconds_to_target` (null where the run never passed it). bench.json's
+`to_target` gives how many seeds passed and the mean and sample standard deviation of both over
+those seeds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ cli.flag(flags.DEFINE_string, 'workdir', None, 'Folder for the per-seed runs and
 cli.flag(flags.DEFINE_list, 'seeds',
          ['0', '1', '2', '3', '4'], 'Comma-separated seeds, e.g. 0,1,2,3,4.')
 cli.flag(flags.DEFINE_float, 'target_accuracy', 0.8293,
-         'Validation accuracy whose first passing epoch and training seconds are reported.')
+         'Validation accuracy whose first passing epoch, and the seconds to it, are reported.')
 cli.define_distributed_flags()
 
 METRICS = ('max_val_accuracy', 'test_accuracy', 'train_seconds')
