@@ -111,8 +111,8 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
         # The config file itself failed (e.g. it sets a value of the wrong type): a bad config,
         # not a command-line usage error. The cause is the message's last line, after a traceback.
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        flag = lines[0].split(': Error whilst')[0].removeprefix('flag ')
-        print(f'error: cannot load {flag}: {lines[-1]}', file=sys.stderr)
+        flag_name = lines[0].split(': Error whilst')[0].removeprefix('flag ')
+        print(f'error: cannot load {flag_name}: {lines[-1]}', file=sys.stderr)
         sys.exit(1)
       print(f'error: {_first_line(e)}\nusage: python -m {_module_name()} --config=configs/'
             'model3.py [--config.KEY=VALUE ...] (--helpfull for all flags)', file=sys.stderr)

@@ -26,7 +26,6 @@ peer `peer_images_per_second`, `peer_variant`, `peer_variants` and `ratio`.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import itertools
 import json
@@ -95,7 +94,6 @@ class JaxRunner(Runner):
   def setup(self) -> float:
     import jax
     import numpy as np
-    from dsconv_jax import augment as augment_lib
     from dsconv_jax import budget, data, layers, optim, steps, train
 
     config = self.config
@@ -111,25 +109,15 @@ class JaxRunner(Runner):
     mean, std = data.normalization_stats(images, config.normalization)
 
     mesh = steps.create_mesh()
-    if config.batch_size % mesh.size:
-      raise UserError(f'config.batch_size={config.batch_size} does not divide over the '
-                      f'{mesh.size} devices')
+    train.validate_config(config)  # Also: the batch must divide over the devices.
     tx = optim.create_optimizer(config, optim.create_schedule(config, self.steps_per_chunk))
-    ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
     seed_key = jax.random.key(config.seed)
-    self.state = jax.jit(
-        functools.partial(steps.create_train_state, model, image_shape=image_shape, tx=tx,
-                          ema=bool(ema_decay)),
-        out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(
-            jax.random.fold_in(seed_key, steps.INIT))
+    self.state = train.init_state(config, model, image_shape, tx, mesh, seed_key)
     self.images = steps.put_sharded_rows(mesh, images)
     self.labels = steps.put_sharded_rows(mesh, labels)
-    step_fn = functools.partial(
-        steps.train_step, mean=steps.put_replicated(mesh, np.asarray(mean, np.float32)),
-        std=steps.put_replicated(mesh, np.asarray(std, np.float32)),
-        augment=augment_lib.parse(config.augment),
-        label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0), ema_decay=ema_decay,
-        compute_dtype=config.compute_dtype, dropout_impl=config.dropout_impl)
+    step_fn = train.bind_train_step(config,
+                                    steps.put_replicated(mesh, np.asarray(mean, np.float32)),
+                                    steps.put_replicated(mesh, np.asarray(std, np.float32)))
     epoch_fn = steps.make_train_epoch(mesh, steps_per_epoch=self.steps_per_chunk,
                                       batch_size=config.batch_size, num_examples=n,
                                       seed_key=seed_key, step_fn=step_fn)

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -62,6 +62,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.get('dropout_impl', 'hash') not in layers.DROPOUT_IMPLS:
     raise UserError(f'config.dropout_impl must be one of {", ".join(layers.DROPOUT_IMPLS)}, got '
                     f'{config.dropout_impl!r}')
+  ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
+  if not 0.0 <= ema_decay < 1.0:
+    raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
   n = jax.device_count()
   if config.batch_size % n:
     raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
@@ -71,6 +74,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def _precision_kwargs(config: ml_collections.ConfigDict) -> dict[str, str]:
   """The compute dtype for train_step and eval_step alike: both must see the same network."""
   return {'compute_dtype': config.get('compute_dtype', 'float32')}
+
+
+def _ema_decay(config: ml_collections.ConfigDict) -> float:
+  return float(config.get('ema_decay', 0.0) or 0.0)
+
+
+def init_state(config: ml_collections.ConfigDict, model, image_shape, tx, mesh,
+               seed_key: jax.Array) -> steps.TrainState:
+  """The initial train state of seed `seed_key`, replicated over `mesh`."""
+  return jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
+                                   tx=tx, ema=bool(_ema_decay(config))),
+                 out_shardings=NamedSharding(mesh, P()))(jax.random.fold_in(seed_key, steps.INIT))
+
+
+def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array,
+                    std: jax.Array) -> Callable:
+  """`steps.train_step` with the config's recipe bound (augmentation, label smoothing, EMA,
+  compute dtype, dropout masks) and the normalisation's device arrays: what `main` trains and
+  `throughput` times."""
+  return functools.partial(steps.train_step, mean=mean, std=std,
+                           augment=augment_lib.parse(config.augment),
+                           label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
+                           ema_decay=_ema_decay(config), **_precision_kwargs(config),
+                           dropout_impl=config.get('dropout_impl', 'hash'))
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -149,17 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mean, std = data_lib.normalization_stats(train.images, config.normalization)
   epoch_lr = optim.create_learning_rate_fn(config, steps_per_epoch)
   tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
-  ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
-  if not 0.0 <= ema_decay < 1.0:
-    raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
 
   mesh = steps.create_mesh()
-  replicated = NamedSharding(mesh, P())
   seed_key = jax.random.key(config.seed)
-  init_key = jax.random.fold_in(seed_key, steps.INIT)
-  state = jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
-                                    tx=tx, ema=bool(ema_decay)),
-                  out_shardings=replicated)(init_key)
+  state = init_state(config, model, image_shape, tx, mesh, seed_key)
 
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)
@@ -188,14 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   std_d = steps.put_replicated(mesh, np.asarray(std, np.float32))
   train_images = steps.put_sharded_rows(mesh, steps.pad_rows(train.images, n_dev))
   train_labels = steps.put_sharded_rows(mesh, steps.pad_rows(train.labels, n_dev))
-  augment = augment_lib.parse(config.augment)
-  step_fn = functools.partial(steps.train_step, mean=mean_d, std=std_d, augment=augment,
-                              label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
-                              ema_decay=ema_decay, **_precision_kwargs(config),
-                              dropout_impl=config.get('dropout_impl', 'hash'))
   train_epoch = steps.make_train_epoch(
       mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
-      num_examples=len(train.labels), seed_key=seed_key, step_fn=step_fn)
+      num_examples=len(train.labels), seed_key=seed_key,
+      step_fn=bind_train_step(config, mean_d, std_d))
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
   evaluate = steps.make_evaluate(
       mesh, batch_size=eval_batch,
