@@ -240,10 +240,17 @@ def test_tta_flip_averages_the_mirror_and_is_exact_on_symmetric_images():
   np.testing.assert_allclose(steps.eval_step(state, symmetric, labels, mask, tta_flip=True,
                                              **kwargs),
                              steps.eval_step(state, symmetric, labels, mask, **kwargs), rtol=1e-5)
-  # On other images the flip changes the logits, hence the loss.
+  # On other images the flip changes the logits, hence the loss: the TTA loss is the one of the
+  # mean of the image's and the mirror's logits, neither view's alone.
   images = jax.random.randint(jax.random.key(4), (6, 8, 8, 3), 0, 255).astype(jnp.uint8)
-  assert not np.isclose(steps.eval_step(state, images, labels, mask, tta_flip=True, **kwargs)[0],
-                        steps.eval_step(state, images, labels, mask, **kwargs)[0])
+  tta = steps.eval_step(state, images, labels, mask, tta_flip=True, **kwargs)
+  apply = lambda x: state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                                   steps.preprocess(x, **kwargs))
+  mean_logits = 0.5 * (apply(images) + apply(images[:, :, ::-1]))
+  np.testing.assert_allclose(tta[0], steps.cross_entropy_loss(mean_logits, labels).sum(),
+                             rtol=1e-5)
+  for view in (images, images[:, :, ::-1]):
+    assert not np.isclose(tta[0], steps.eval_step(state, view, labels, mask, **kwargs)[0])
 
 
 # ---------------------------------------------------------------------------------------------
