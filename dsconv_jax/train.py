@@ -62,6 +62,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.get('dropout_impl', 'hash') not in layers.DROPOUT_IMPLS:
     raise UserError(f'config.dropout_impl must be one of {", ".join(layers.DROPOUT_IMPLS)}, got '
                     f'{config.dropout_impl!r}')
+  # Optimizer and schedule values (names, signs): building them is cheap and checks each, so a
+  # typo fails here rather than after the dataset is decoded.
+  optim.create_optimizer(config, optim.create_schedule(config, 1))
   ema_decay = float(config.get('ema_decay', 0.0) or 0.0)
   if not 0.0 <= ema_decay < 1.0:
     raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
