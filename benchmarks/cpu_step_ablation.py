@@ -25,7 +25,7 @@ from absl import flags  # pylint: disable=wrong-import-position
 import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from dsconv_jax import cli, layers, reporting, throughput  # pylint: disable=wrong-import-position
+from dsconv_jax import cli, fast_grads, layers, reporting, throughput  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -34,14 +34,14 @@ def _taps_autodiff(x, k, dilation):
   kh, kw = k.shape[:2]
   dh, dw = dilation
   out_size = (x.shape[1] - (kh - 1) * dh, x.shape[2] - (kw - 1) * dw)
-  return layers._shifted_taps_strided(x, k, (1, 1), dilation, out_size)  # pylint: disable=protected-access
+  return fast_grads.shifted_taps_strided(x, k, (1, 1), dilation, out_size)
 
 
 REPLACEMENTS = {
     'pointwise_einsum': {'pointwise_conv': lambda x, k: jnp.einsum('nhwc,cf->nhwf', x, k)},
     'pool_select_and_scatter': {
         'tiled_max_pool': lambda x, w: nn.max_pool(x, w, w, padding='VALID')},
-    'taps_autodiff': {'_shifted_taps': _taps_autodiff},
+    'taps_autodiff': {'shifted_taps': _taps_autodiff},
 }
 RUNNERS = {
     'current': ((), 'hash'),

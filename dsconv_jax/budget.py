@@ -14,7 +14,6 @@ model, the answer satisfies: count(k / 64) < N <= count((k + 1) / 64).
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from typing import Any, Callable, Sequence
 
@@ -31,8 +30,7 @@ _MAX_K = GRID * 1024  # Past a multiplier of 1024 the budget is not a design con
 
 def declares_width_multiplier(model: nn.Module) -> bool:
   """Whether `model`'s module has a `width_multiplier` field."""
-  return dataclasses.is_dataclass(model) and any(
-      f.name == 'width_multiplier' for f in dataclasses.fields(model))
+  return models.declares(type(model), 'width_multiplier')
 
 
 def resolve_width(config: ml_collections.ConfigDict, input_shape: Sequence[int],
@@ -46,9 +44,8 @@ def resolve_width(config: ml_collections.ConfigDict, input_shape: Sequence[int],
   after a search also `params_total` and the next grid step's `next_width_multiplier` and
   `next_params_total`.
   """
-  from dsconv_jax import train  # pylint: disable=g-import-not-at-top  # train imports this module.
   budget = int(config.get('fit_params', 0) or 0)
-  model = train.create_model(config, num_classes)
+  model = models.build_model(config, num_classes)
   declared = declares_width_multiplier(model)
   if budget == 0:
     return config, {'width_multiplier': model.width_multiplier if declared else None,

@@ -6,6 +6,7 @@ Parameter counts are the Keras counts (BatchNorm moving statistics included as n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -14,7 +15,8 @@ import jax
 
 from dsconv_jax.errors import UserError
 from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseConv2D, Dropout,
-                               Flatten, GlobalAvgPool, MaxPool2D, PointwiseConv2D, SeparableConv2D)
+                               Flatten, GlobalAvgPool, MaxPool2D, Options, PointwiseConv2D,
+                               SeparableConv2D)
 
 
 def scale_width(width: int, multiplier: float) -> int:
@@ -38,7 +40,7 @@ class DepthwisePointwiseNet(nn.Module):
   """
   num_classes: int = 10
   dropout_rates: Sequence[float] = (0.1, 0.2, 0.25)
-  depthwise_impl: str = 'auto'
+  options: Options = Options()
   width_multiplier: float = 1.0
 
   @nn.compact
@@ -47,11 +49,11 @@ class DepthwisePointwiseNet(nn.Module):
     w32, w64, w128 = (scale_width(w, self.width_multiplier) for w in (32, 64, 128))
 
     def block(x, features, rate, padding='valid'):
-      x = DepthwiseConv2D(3, padding=padding, use_bias=False, impl=self.depthwise_impl)(x, train)
+      x = DepthwiseConv2D(3, padding=padding, use_bias=False, options=self.options)(x, train)
       x = PointwiseConv2D(features, use_bias=False)(x, train)
       x = Activation('relu')(x, train)
-      x = BatchNorm()(x, train)
-      return Dropout(rate)(x, train)
+      x = BatchNorm(options=self.options)(x, train)
+      return Dropout(rate, options=self.options)(x, train)
 
     x = block(x, w32, d1, padding='same')
     x = block(x, w64, d1)
@@ -78,7 +80,7 @@ class Separable80k(nn.Module):
   num_classes: int = 10
   widths: Sequence[int] = (32, 48, 96, 128, 160, 192)
   dropout_rate: float = 0.07
-  depthwise_impl: str = 'auto'
+  options: Options = Options()
   width_multiplier: float = 1.0
 
   @nn.compact
@@ -87,9 +89,9 @@ class Separable80k(nn.Module):
 
     def block(x, features, padding='same'):
       x = SeparableConv2D(features, 3, padding=padding, use_bias=False,
-                          impl=self.depthwise_impl)(x, train)
-      x = Dropout(self.dropout_rate)(x, train)
-      x = BatchNorm()(x, train)
+                          options=self.options)(x, train)
+      x = Dropout(self.dropout_rate, options=self.options)(x, train)
+      x = BatchNorm(options=self.options)(x, train)
       return Activation('relu')(x, train)
 
     x = block(x, w[0])
@@ -101,7 +103,7 @@ class Separable80k(nn.Module):
     x = MaxPool2D(2)(x, train)
     x = block(x, w[5], padding='valid')
     x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
-                        impl=self.depthwise_impl)(x, train)
+                        options=self.options)(x, train)
     return GlobalAvgPool()(x, train)
 
 
@@ -133,7 +135,7 @@ class DSResNet(nn.Module):
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
   # settles in tens of steps and is as good over 50 epochs.
   bn_momentum: float = 0.9
-  depthwise_impl: str = 'auto'
+  options: Options = Options()
   width_multiplier: float = 1.0
 
   @nn.compact
@@ -142,11 +144,11 @@ class DSResNet(nn.Module):
 
     def ds_conv(x, features, depth_multiplier=1):
       x = DepthwiseConv2D(3, depth_multiplier=depth_multiplier, padding='same', use_bias=False,
-                          impl=self.depthwise_impl)(x, train)
+                          options=self.options)(x, train)
       return PointwiseConv2D(features, use_bias=False)(x, train)
 
     def bn(x):
-      return BatchNorm(momentum=self.bn_momentum)(x, train)
+      return BatchNorm(momentum=self.bn_momentum, options=self.options)(x, train)
 
     def residual_block(x, features):
       y = Activation('relu')(bn(ds_conv(x, features)), train)
@@ -162,7 +164,7 @@ class DSResNet(nn.Module):
       for _ in range(n_blocks):
         x = residual_block(x, features)
     if self.dropout_rate:
-      x = Dropout(self.dropout_rate)(x, train)
+      x = Dropout(self.dropout_rate, options=self.options)(x, train)
     x = PointwiseConv2D(self.num_classes, use_bias=False)(x, train)
     return GlobalAvgPool()(x, train)
 
@@ -174,6 +176,7 @@ class Baseline(nn.Module):
   no-dense rules on purpose: it is the score to beat (82.93% max val in the source).
   """
   num_classes: int = 10
+  options: Options = Options()  # Dropout masks only: it has no depthwise convolution.
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -183,12 +186,12 @@ class Baseline(nn.Module):
       x = Conv2D(features, 3, padding='valid')(x, train)
       x = Activation('relu')(x, train)
       x = MaxPool2D(2)(x, train)
-      x = Dropout(0.25)(x, train)
+      x = Dropout(0.25, options=self.options)(x, train)
     x = Flatten()(x, train)
     for features in (512, 256):
       x = Dense(features)(x, train)
       x = Activation('relu')(x, train)
-      x = Dropout(0.5)(x, train)
+      x = Dropout(0.5, options=self.options)(x, train)
     return Dense(self.num_classes)(x, train)
 
 
@@ -197,18 +200,18 @@ class TinyNet(nn.Module):
   num_classes: int = 10
   width: int = 8
   dropout_rate: float = 0.1
-  depthwise_impl: str = 'auto'
+  options: Options = Options()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = DepthwiseConv2D(3, padding='same', use_bias=False, impl=self.depthwise_impl)(x, train)
+    x = DepthwiseConv2D(3, padding='same', use_bias=False, options=self.options)(x, train)
     x = PointwiseConv2D(self.width, use_bias=False)(x, train)
     x = Activation('relu')(x, train)
-    x = BatchNorm()(x, train)
-    x = Dropout(self.dropout_rate)(x, train)
+    x = BatchNorm(options=self.options)(x, train)
+    x = Dropout(self.dropout_rate, options=self.options)(x, train)
     x = MaxPool2D(2)(x, train)
     x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
-                        impl=self.depthwise_impl)(x, train)
+                        options=self.options)(x, train)
     return GlobalAvgPool()(x, train)
 
 
@@ -226,10 +229,39 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-  """Builds model `name` with keyword overrides (e.g. num_classes, depthwise_impl)."""
+  """Builds model `name` with keyword overrides (e.g. num_classes, options)."""
   if name not in MODELS:
     raise UserError(f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}')
   try:
     return MODELS[name](**kwargs)
   except TypeError as e:
     raise UserError(f'bad model_kwargs for model {name!r}: {e}') from None
+
+
+def declares(make: Callable[..., nn.Module], field: str) -> bool:
+  """Whether the module class behind `make` (a class or a partial of one) has field `field`."""
+  while isinstance(make, functools.partial):
+    make = make.func
+  return dataclasses.is_dataclass(make) and any(f.name == field for f in dataclasses.fields(make))
+
+
+def options_from_config(config) -> Options:
+  """The layers' `Options` the config asks for (config.depthwise_impl, config.dropout_impl)."""
+  try:
+    return Options(depthwise=config.get('depthwise_impl', 'auto'),
+                   dropout=config.get('dropout_impl', 'hash'))
+  except ValueError as e:
+    raise UserError(f'config.{e}') from None
+
+
+def build_model(config, num_classes: int) -> nn.Module:
+  """The model of `config`: `config.model` built with `config.model_kwargs` for `num_classes`.
+
+  The implementation options go only to models that declare an `options` field (and never
+  replace one given in model_kwargs).
+  """
+  kwargs = dict(config.get('model_kwargs', {}) or {})
+  kwargs.setdefault('num_classes', num_classes)
+  if config.model in MODELS and declares(MODELS[config.model], 'options'):
+    kwargs.setdefault('options', options_from_config(config))
+  return create_model(config.model, **kwargs)

@@ -52,9 +52,9 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], flo
 def _per_step_schedule(config, steps_per_epoch: int) -> Schedule:
   """'cosine' or 'onecycle' with a linear warm-up over `config.warmup_epochs`, to 0 at the end.
 
-  Warm-up: lr0 * (step + 1) / warmup_steps, so that no step trains at lr 0. Afterwards 'cosine'
-  decays as lr0 * (1 + cos(pi * t)) / 2 and 'onecycle' linearly as lr0 * (1 - t), with t going
-  from 0 after the warm-up to 1 at the last step (the triangular one-cycle of airbench).
+  optax's own schedules, joined: warm-up lr0 * (step + 1) / warmup_steps (so that no step trains
+  at lr 0), then `optax.cosine_decay_schedule` ('cosine') or `optax.linear_schedule` to 0
+  ('onecycle', the triangular one-cycle of airbench) over the remaining steps.
   """
   lr0 = float(config.learning_rate)
   total = max(1, int(config.num_epochs) * steps_per_epoch)
@@ -62,17 +62,16 @@ def _per_step_schedule(config, steps_per_epoch: int) -> Schedule:
   if warmup < 0:
     raise UserError(f'config.warmup_epochs must be >= 0, got {warmup}')
   warmup_steps = min(int(round(warmup * steps_per_epoch)), total - 1)
-  kind = config.lr_schedule
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    t = jnp.clip((step - warmup_steps) / max(1, total - warmup_steps), 0.0, 1.0)
-    decayed = lr0 * (0.5 * (1.0 + jnp.cos(jnp.pi * t)) if kind == 'cosine' else 1.0 - t)
-    if not warmup_steps:
-      return decayed
-    return jnp.where(step < warmup_steps, lr0 * (step + 1) / warmup_steps, decayed)
-
-  return schedule
+  decay_steps = max(1, total - warmup_steps)
+  if config.lr_schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(lr0, decay_steps)
+  else:
+    decay = optax.linear_schedule(lr0, 0.0, decay_steps)
+  if not warmup_steps:
+    return decay
+  # From lr0 / W at step 0 to lr0 at step W - 1 (a constant lr0 when W is 1).
+  warm = optax.linear_schedule(lr0 / warmup_steps, lr0, warmup_steps - 1)
+  return optax.join_schedules([warm, decay], [warmup_steps])
 
 
 def create_schedule(config, steps_per_epoch: int) -> Schedule:
@@ -128,8 +127,33 @@ def decay_mask(params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def _keras_adam(config, schedule: Schedule) -> optax.GradientTransformation:
+  return optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(schedule))
+
+
+def _sgd(config, schedule: Schedule) -> optax.GradientTransformation:
+  return optax.sgd(schedule, momentum=config.get('momentum', 0.9) or None,
+                   nesterov=bool(config.get('nesterov', False)))
+
+
+def _adamw(config, schedule: Schedule) -> optax.GradientTransformation:
+  return optax.adamw(schedule, weight_decay=float(config.get('weight_decay', 0.0) or 0.0),
+                     mask=decay_mask)
+
+
+# config.optimizer -> (config, per-step schedule) -> transformation, before weight decay.
+OPTIMIZERS: dict[str, Callable[[Any, Schedule], optax.GradientTransformation]] = {
+    'keras_adam': _keras_adam,
+    'adam': lambda config, schedule: optax.adam(schedule),
+    'adamw': _adamw,
+    'sgd': _sgd,
+}
+# Optimizers that apply config.weight_decay themselves (decoupled), not as L2 on the gradient.
+DECOUPLED_DECAY = ('adamw',)
+
+
 def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
-  """The optimizer named by `config.optimizer`: keras_adam, adam, adamw or sgd.
+  """The optimizer named by `config.optimizer` (a key of `OPTIMIZERS`).
 
   `config.weight_decay` (0 = off) skips BatchNorm parameters and biases (`decay_mask`). For
   'adamw' it is decoupled (optax.adamw: wd * lr * param); for the others it is added to the
@@ -139,18 +163,9 @@ def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation
   wd = float(config.get('weight_decay', 0.0) or 0.0)
   if wd < 0:
     raise UserError(f'config.weight_decay must be >= 0, got {wd}')
-  if name == 'adamw':
-    return optax.adamw(schedule, weight_decay=wd, mask=decay_mask)
-  if name == 'keras_adam':
-    tx = optax.chain(scale_by_keras_adam(), optax.scale_by_learning_rate(schedule))
-  elif name == 'adam':
-    tx = optax.adam(schedule)
-  elif name == 'sgd':
-    tx = optax.sgd(schedule, momentum=config.get('momentum', 0.9) or None,
-                   nesterov=bool(config.get('nesterov', False)))
-  else:
-    raise UserError(f"config.optimizer must be 'keras_adam', 'adam', 'adamw' or 'sgd', got "
-                    f'{name!r}')
-  if wd:
+  if name not in OPTIMIZERS:
+    raise UserError(f'config.optimizer must be one of {", ".join(OPTIMIZERS)}, got {name!r}')
+  tx = OPTIMIZERS[name](config, schedule)
+  if wd and name not in DECOUPLED_DECAY:
     tx = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), tx)
   return tx

@@ -27,7 +27,6 @@ import numpy as np
 import optax
 
 from dsconv_jax import augment as augment_lib
-from dsconv_jax import layers
 
 # Streams of randomness folded from the seed: one purpose each.
 INIT, PERMUTATION, STEP = 0, 1, 2
@@ -93,19 +92,19 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
                axis_name: str | None = None, label_smoothing: float = 0.0,
-               ema_decay: float = 0.0, compute_dtype: str = 'float32',
-               dropout_impl: str = 'hash'):
+               ema_decay: float = 0.0, compute_dtype: str = 'float32'):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
-  Under `jax.pmap(..., axis_name=A)` pass `axis_name=A`: each device then holds a slice of the
-  batch, and BatchNorm statistics, gradients and metrics are averaged over A, so the update is the
-  global batch's (with equal slices). Randomness is per call: under pmap, fold the device index
+  Under `jax.pmap(..., axis_name=A)` pass `axis_name=A` and a state whose model was built with
+  `layers.Options(batch_norm_axis=A)`: each device then holds a slice of the batch, and BatchNorm
+  statistics, gradients and metrics are averaged over A, so the update is the global batch's (with
+  equal slices). Randomness is per call: under pmap, fold the device index
   into `key` when dropout or augmentation should differ between devices. `label_smoothing`
   applies to the training loss only (the reported loss is the smoothed one); `ema_decay` > 0
   updates `state.ema_params` (`update_ema`). `compute_dtype` 'bfloat16' runs activations in
   bfloat16 (mixed precision); parameters, BatchNorm statistics, gradients and the loss stay
-  float32. `dropout_impl` picks how dropout masks are drawn (`layers.DROPOUT_IMPLS`).
+  float32. How layers compute (depthwise form, dropout masks) is the model's `layers.Options`.
   """
   x = preprocess(images, mean, std)
   if augment:
@@ -114,10 +113,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   x = x.astype(compute_dtype)
 
   def loss_fn(params):
-    with layers.batch_norm_axis(axis_name), layers.dropout_impl(dropout_impl):
-      logits, updates = state.apply_fn(
-          {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-          rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
     return cross_entropy_loss(logits, labels, label_smoothing).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -39,11 +39,10 @@ def input_shape(config) -> tuple[int, int, int]:
 def run(argv) -> None:
   del argv
   config = cli.get_config()
-  from dsconv_jax import analysis, budget, train
+  from dsconv_jax import analysis, budget, experiment
   shape = input_shape(config)
-  config, width = budget.resolve_width(config, shape, FLAGS.num_classes)
-  model = train.create_model(config, FLAGS.num_classes)
-  report = analysis.analyze_model(model, shape, config.constraints)
+  description = experiment.describe_model(config, shape, FLAGS.num_classes)
+  config, report, width = description.config, description.report, description.width
   if FLAGS.json:
     print(json.dumps({'model': config.model, 'width_multiplier': width['width_multiplier'],
                       'fit_params': width['fit_params'], **report.to_json()}, indent=2))

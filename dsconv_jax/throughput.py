@@ -92,38 +92,16 @@ class JaxRunner(Runner):
     self._epoch = 0
 
   def setup(self) -> float:
-    import jax
-    import numpy as np
-    from dsconv_jax import budget, data, layers, optim, steps, train
+    from dsconv_jax import experiment, layers
 
     config = self.config
     size = int(config.get('image_size', 0) or 32)
-    image_shape, num_classes = (size, size, 3), 10
-    config, _ = budget.resolve_width(config, image_shape, num_classes)
-    model = train.create_model(config, num_classes)
+    # Exactly the run `main` builds, on synthetic data: one epoch is one timed chunk.
+    data = experiment.synthetic_data(self.images_per_chunk, (size, size, 3), 10, config.seed)
+    self.experiment = experiment.create_experiment(config, data)
     self.depthwise_resolved = layers.resolve_depthwise_impl(config.depthwise_impl)
-    n = self.images_per_chunk
-    rng = np.random.default_rng(config.seed)
-    images = rng.integers(0, 256, (n, *image_shape), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, (n,), dtype=np.int32)
-    mean, std = data.normalization_stats(images, config.normalization)
-
-    mesh = steps.create_mesh()
-    train.validate_config(config)  # Also: the batch must divide over the devices.
-    tx = optim.create_optimizer(config, optim.create_schedule(config, self.steps_per_chunk))
-    seed_key = jax.random.key(config.seed)
-    self.state = train.init_state(config, model, image_shape, tx, mesh, seed_key)
-    self.images = steps.put_sharded_rows(mesh, images)
-    self.labels = steps.put_sharded_rows(mesh, labels)
-    step_fn = train.bind_train_step(config,
-                                    steps.put_replicated(mesh, np.asarray(mean, np.float32)),
-                                    steps.put_replicated(mesh, np.asarray(std, np.float32)))
-    epoch_fn = steps.make_train_epoch(mesh, steps_per_epoch=self.steps_per_chunk,
-                                      batch_size=config.batch_size, num_examples=n,
-                                      seed_key=seed_key, step_fn=step_fn)
-    t0 = time.perf_counter()
-    self.compiled = epoch_fn.lower(self.state, self.images, self.labels, np.int32(1)).compile()
-    compile_seconds = time.perf_counter() - t0
+    self.state = self.experiment.state
+    self.compiled, compile_seconds = self.experiment.compile_epoch(self.state)
     self.run_chunk()  # Warm-up: first-run allocations and thread start-up.
     return compile_seconds
 
@@ -132,8 +110,8 @@ class JaxRunner(Runner):
     import numpy as np
     self._epoch += 1
     t0 = time.perf_counter()
-    self.state, metrics = self.compiled(self.state, self.images, self.labels,
-                                        np.int32(self._epoch))
+    self.state, metrics = self.compiled(self.state, self.experiment.train_images,
+                                        self.experiment.train_labels, np.int32(self._epoch))
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t0
 

@@ -13,15 +13,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from dsconv_jax import models, steps, train
+from dsconv_jax import experiment, layers, models, steps
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 
 N_STEPS, BATCH = 3, 16
 
 
-def fresh_state(dropout):
-  model = models.create_model('tiny', dropout_rate=dropout, depthwise_impl='grouped')
+def fresh_state(dropout, batch_norm_axis=None):
+  options = layers.Options(depthwise='grouped', batch_norm_axis=batch_norm_axis)
+  model = models.create_model('tiny', dropout_rate=dropout, options=options)
   return steps.create_train_state(model, jax.random.key(0), (32, 32, 3), optax.adam(1e-2))
 
 
@@ -67,7 +68,9 @@ def main():
       pstep = jax.pmap(
           lambda s, x, y, k: step(s, x, y, jax.random.wrap_key_data(k), axis_name='batch'),
           axis_name='batch')
-      state = jax.tree.map(lambda a: np.stack([np.asarray(a)] * 4), fresh_state(dropout))
+      # The model's BatchNorm averages its statistics over the pmap axis, like the gradients.
+      state = jax.tree.map(lambda a: np.stack([np.asarray(a)] * 4),
+                           fresh_state(dropout, batch_norm_axis='batch'))
       losses_pmap = []
       for i in range(N_STEPS):
         key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(i)))] * 4)
@@ -84,7 +87,7 @@ def main():
   config = get_testing_config()
   config.batch_size = 6
   try:
-    train.validate_config(config)
+    experiment.validate_config(config)
     out['indivisible_batch_error'] = None
   except UserError as e:
     out['indivisible_batch_error'] = str(e)

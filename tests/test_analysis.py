@@ -22,7 +22,7 @@ def conv_rows(report):
 
 @pytest.mark.parametrize('impl', ['grouped', 'shifted'])
 def test_model3_receptive_fields(impl):
-  report = analysis.analyze_model(models.create_model('model3', depthwise_impl=impl), (32, 32, 3))
+  report = analysis.analyze_model(models.create_model('model3', options=layers.Options(depthwise=impl)), (32, 32, 3))
   # Source 000 annotated these by hand (and got the last ones wrong: it claimed 42 and 54).
   assert [l.receptive_field for l in conv_rows(report)] == [3, 5, 7, 8, 12, 16, 20, 22, 30]
   assert [l.jump for l in conv_rows(report)] == [1, 1, 1, 2, 2, 2, 2, 4, 4]
@@ -143,7 +143,7 @@ MODEL3_MACS = 10_961_024  # Convolutions only: depthwise 846,720 + pointwise 10,
 
 
 def test_model3_macs_are_the_same_in_both_depthwise_forms():
-  reports = {impl: analysis.analyze_model(models.create_model('model3', depthwise_impl=impl),
+  reports = {impl: analysis.analyze_model(models.create_model('model3', options=layers.Options(depthwise=impl)),
                                           (32, 32, 3))
              for impl in ('grouped', 'shifted')}
   for report in reports.values():
@@ -170,7 +170,7 @@ def test_separable_macs_count_the_depth_multiplier():
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
-      return layers.SeparableConv2D(8, 3, depth_multiplier=2, impl='shifted')(x)
+      return layers.SeparableConv2D(8, 3, depth_multiplier=2, options=layers.Options(depthwise='shifted'))(x)
   report = analysis.analyze_model(Net(), (10, 10, 4))
   # Depthwise: 8x8 outputs x (4 x 2) channels x 9 taps; pointwise: 8x8 x 8 outputs x 8 inputs.
   assert report.macs_total == 8 * 8 * 8 * 9 + 8 * 8 * 8 * 8

@@ -70,7 +70,7 @@ def test_resolve_width_sets_the_multiplier_on_a_copy_of_a_locked_config():
   assert 'width_multiplier' not in config.model_kwargs  # The given config is left alone.
   m = fitted.model_kwargs.width_multiplier
   assert info['width_multiplier'] == m and info['fit_params'] == 40_000
-  assert info['params_total'] == analysis.count_params(train.create_model(fitted, 10), (32, 32, 3))
+  assert info['params_total'] == analysis.count_params(models.build_model(fitted, 10), (32, 32, 3))
   assert info['params_total'] < 40_000 <= info['next_params_total']
   assert info['next_width_multiplier'] == m + 1 / budget.GRID
   assert 'Width multiplier' in budget.describe(info)
@@ -116,15 +116,15 @@ class _WideTiny(nn.Module):
   """TinyNet with a width multiplier: 27 + 19 * width parameters for 3 inputs and 3 classes."""
   num_classes: int = 10
   width_multiplier: float = 1.0
-  depthwise_impl: str = 'auto'
+  options: layers.Options = layers.Options()
 
   @nn.compact
   def __call__(self, x, train=False):
-    x = layers.DepthwiseConv2D(3, padding='same', use_bias=False, impl=self.depthwise_impl)(x)
+    x = layers.DepthwiseConv2D(3, padding='same', use_bias=False, options=self.options)(x)
     x = layers.PointwiseConv2D(models.scale_width(8, self.width_multiplier), use_bias=False)(x)
     x = layers.BatchNorm()(layers.Activation('relu')(x), train)
     x = layers.MaxPool2D(2)(x)
-    x = layers.SeparableConv2D(self.num_classes, 3, use_bias=False, impl=self.depthwise_impl)(x)
+    x = layers.SeparableConv2D(self.num_classes, 3, use_bias=False, options=self.options)(x)
     return layers.GlobalAvgPool()(x)
 
 

@@ -1,6 +1,6 @@
 """Crash safety end to end, through the real command line in subprocesses.
 
-A run killed with SIGKILL at each point of dsconv_jax/faults.py, then started again with the same
+A run killed with SIGKILL at each point of tests/faults.py, then started again with the same
 command, ends with the metrics of a run that was never interrupted; SIGTERM and SIGINT stop it after
 saving; a damaged newest checkpoint falls back to the previous one; a diverging run and a full disk
 stop with one clear error and keep the last good checkpoint.
@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder
+import faults
 from dsconv_jax import checkpoint as checkpoint_lib
-from dsconv_jax import faults
 from dsconv_jax import stopping
-from dsconv_jax import tensorboard
 from dsconv_jax.errors import Stopped, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +35,12 @@ RUN_MAIN = ('\nimport runpy\n'
 
 
 def main_cli(workdir, folder, env, *extra, fault=None, prelude=None, epochs=EPOCHS):
+  """Runs dsconv_jax.main; `fault` = (point, epoch[, signal]) installs tests/faults.py's."""
   args = ['--config=configs/tiny.py', f'--workdir={workdir}', f'--config.dataset=folder:{folder}',
           f'--config.num_epochs={epochs}', '--config.train_examples=0',
           '--config.eval_examples=0', *extra]
-  env = dict(env)
   if fault:
-    env[faults.ENV] = fault
+    prelude = faults.prelude(*fault) + (prelude or '')
   python = [sys.executable, '-c', prelude + RUN_MAIN] if prelude else [sys.executable, '-m',
                                                                        'dsconv_jax.main']
   return subprocess.run(python + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -107,8 +106,8 @@ def test_killed_at_every_point_resumes_to_the_same_metrics(tmp_path, folder, ref
   workdir = str(tmp_path / 'run')
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   # Killed at each point in turn, each run resuming from what the previous one left behind.
-  for point, epoch in (('step', 1), ('eval', 2), ('checkpoint', 3), ('metrics', 4)):
-    out = main_cli(workdir, folder, cli_env, fault=f'{point}:{epoch}')
+  for point, epoch in (('start', 1), ('end', 2), ('checkpoint', 3), ('metrics', 4)):
+    out = main_cli(workdir, folder, cli_env, fault=(point, epoch))
     assert out.returncode == -signal.SIGKILL, (point, out.stderr[-3000:])
     with open(metrics_path) as f:
       lines = f.read().splitlines(keepends=True)
@@ -174,22 +173,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
   assert len(moved) == 1 and moved[0].startswith(f'{EPOCHS}-')
 
 
-SEND_SIGNAL = '''
-import os, signal
-from dsconv_jax import faults
-def _signal_during_training(point, epoch):
-  if (point, epoch) == ('step', {epoch}):
-    os.kill(os.getpid(), signal.{name})
-faults.maybe_kill = _signal_during_training
-'''
-
-
 def test_sigterm_and_sigint_stop_after_saving_and_the_run_resumes(tmp_path, reference, folder,
                                                                  cli_env):
   workdir = str(tmp_path / 'run')
   for name, epoch in (('SIGTERM', 2), ('SIGINT', 4)):
-    out = main_cli(workdir, folder, cli_env,
-                   prelude=SEND_SIGNAL.format(epoch=epoch, name=name))
+    out = main_cli(workdir, folder, cli_env, fault=('start', epoch, getattr(signal, name)))
     # The signal arrives while the epoch trains: the epoch finishes and is saved, then it stops.
     assert_clean_error(out, 128 + getattr(signal, name),
                        f'stopped by {name} after saving epoch {epoch}; run the same command to '
@@ -272,15 +260,6 @@ def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
   assert signal.getsignal(signal.SIGTERM) is previous
   assert isinstance(error, Stopped) and error.exit_code == 128 + signal.SIGTERM
   assert str(error) == 'stopped by SIGTERM after saving epoch 7; run the same command to resume'
-
-
-def test_fault_spec_is_checked(monkeypatch):
-  monkeypatch.setenv(faults.ENV, 'nowhere:2')
-  with pytest.raises(UserError, match='POINT:EPOCH'):
-    faults.maybe_kill('step', 2)
-  monkeypatch.setenv(faults.ENV, 'step:2')
-  faults.maybe_kill('step', 1)  # Another epoch: nothing happens.
-  faults.maybe_kill('eval', 2)
 
 
 def test_checkpoints_of_another_model_are_an_error_not_a_fresh_start(tmp_path):

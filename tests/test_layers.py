@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsconv_jax import layers
+from dsconv_jax import fast_grads, layers
 
 
 def _init(module, shape):
@@ -145,15 +145,15 @@ def test_dropout_impls_scale_kept_units_and_threefry_is_flax_dropout():
   x = jnp.ones((4, 8, 8, 16))
   rngs = {'dropout': jax.random.key(7)}
   for impl in layers.DROPOUT_IMPLS:
-    with layers.dropout_impl(impl):
-      y = layers.Dropout(0.2).apply({}, x, train=True, rngs=rngs)
-      assert (layers.Dropout(0.2).apply({}, x, train=False) == x).all()
+    dropout = layers.Dropout(0.2, options=layers.Options(dropout=impl))
+    y = dropout.apply({}, x, train=True, rngs=rngs)
+    assert (dropout.apply({}, x, train=False) == x).all()
     kept = np.asarray(y) != 0
     np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.8, rtol=1e-6)
     assert 0.7 < kept.mean() < 0.9, impl
   # 'threefry' draws what Flax's nn.Dropout draws (the masks of runs before 'hash' existed).
-  with layers.dropout_impl('threefry'):
-    y = layers.Dropout(0.2).apply({}, x, train=True, rngs=rngs)
+  y = layers.Dropout(0.2, options=layers.Options(dropout='threefry')).apply({}, x, train=True,
+                                                                           rngs=rngs)
 
 
   class FlaxDropoutInside(nn.Module):  # Same module path, so the same rng.
@@ -164,8 +164,7 @@ def test_dropout_impls_scale_kept_units_and_threefry_is_flax_dropout():
 
   np.testing.assert_array_equal(y, FlaxDropoutInside().apply({}, x, rngs=rngs))
   with pytest.raises(ValueError, match='dropout_impl'):
-    with layers.dropout_impl('philox'):
-      pass
+    layers.Options(dropout='philox')
 
 
 def test_tiled_max_pool_and_pointwise_conv_match_their_reference_gradients():
@@ -173,12 +172,12 @@ def test_tiled_max_pool_and_pointwise_conv_match_their_reference_gradients():
   x = jnp.asarray(rng.normal(size=(2, 9, 7, 3)), jnp.float32)
   x = x.at[0, 0, 1, 0].set(5.0).at[0, 1, 0, 0].set(5.0)  # A tie: the first maximum gets it all.
   pool = lambda f: jax.value_and_grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-  (v1, g1), (v2, g2) = (pool(lambda x: layers.tiled_max_pool(x, (2, 2))),
+  (v1, g1), (v2, g2) = (pool(lambda x: fast_grads.tiled_max_pool(x, (2, 2))),
                         pool(lambda x: nn.max_pool(x, (2, 2), (2, 2), padding='VALID')))
   assert v1 == v2
   np.testing.assert_array_equal(g1, g2)
   k = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
   conv = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
-  for a, b in zip(conv(layers.pointwise_conv),
+  for a, b in zip(conv(fast_grads.pointwise_conv),
                   conv(lambda x, k: jnp.einsum('nhwc,cf->nhwf', x, k))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

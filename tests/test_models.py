@@ -6,9 +6,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from dsconv_jax import analysis, models, train
+from dsconv_jax import experiment, models
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 
@@ -34,18 +35,20 @@ EXPECTED = {
 @pytest.mark.parametrize('name', sorted(EXPECTED))
 def test_config_parameter_counts(name):
   config = load_config(name)
-  report = analysis.analyze_model(train.create_model(config, 10), (32, 32, 3), config.constraints)
+  report = experiment.describe_model(config, (32, 32, 3), 10).report
   assert (report.params_total, report.params_trainable) == EXPECTED[name]
   assert report.params_non_trainable == EXPECTED[name][0] - EXPECTED[name][1]
   assert report.violations == []  # The baseline's config switches its constraints off.
 
 
-def test_every_config_file_loads_and_builds():
+def test_every_config_file_builds_a_model_within_its_constraints():
   names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))]
   assert {'baseline', 'model2', 'model3', 'model4', 'separable80k'} <= set(names)
   for name in names:
     config = load_config(name)
-    assert config.model in models.MODELS
+    description = experiment.describe_model(config, (32, 32, 3), 10)
+    assert description.report.violations == [], name
+    # The command-line contract (product.md): keys every config has.
     for key in ('dataset', 'data_dir', 'num_epochs', 'batch_size', 'seed', 'learning_rate',
                 'train_examples', 'eval_examples'):
       assert key in config, (name, key)
@@ -61,9 +64,26 @@ def test_output_is_logits_per_class(name):
   assert out.shape == (4, 7)
 
 
-def test_model4_has_more_dropout_than_model3():
-  m3, m4 = models.create_model('model3'), models.create_model('model4')
-  assert all(b > a for a, b in zip(m3.dropout_rates, m4.dropout_rates))
+def _dropped_fractions(name):
+  """The fraction of units each Dropout layer of model `name` zeroes in one training pass."""
+  model = models.create_model(name)
+  x = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  _, state = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)},
+                         mutable=['batch_stats', 'intermediates'],
+                         capture_intermediates=lambda m, _: type(m).__name__ == 'Dropout')
+  outputs = [v['__call__'][0] for k, v in sorted(state['intermediates'].items(),
+                                                  key=lambda kv: int(kv[0].split('_')[-1]))
+             if k.startswith('Dropout_')]
+  return [float(jnp.mean(y == 0)) for y in outputs]
+
+
+def test_model4_drops_more_units_than_model3_in_every_stage():
+  m3, m4 = _dropped_fractions('model3'), _dropped_fractions('model4')
+  assert len(m3) == len(m4) == 7
+  # Model 3's rates 0.1/0.2/0.25 by stage, Model 4's 0.2/0.3/0.35 (BN outputs are never exactly 0).
+  np.testing.assert_allclose(m3, [0.1] * 3 + [0.2] * 3 + [0.25], atol=0.02)
+  np.testing.assert_allclose(m4, [0.2] * 3 + [0.3] * 3 + [0.35], atol=0.02)
 
 
 def test_unknown_model_is_a_user_error():

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import analysis, budget, models, optim, steps, train
+from dsconv_jax import analysis, budget, experiment, models, optim, steps, train
 from dsconv_jax.defaults import get_config, get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -31,13 +31,6 @@ def schedule_config(kind, **overrides):
 
 # ---------------------------------------------------------------------------------------------
 # Schedules.
-
-
-def test_recipe_options_are_off_by_default():
-  config = get_config()
-  assert (config.weight_decay, config.label_smoothing, config.ema_decay) == (0.0, 0.0, 0.0)
-  assert config.lr_schedule == 'inverse_time' and config.tta_flip is False
-  assert config.optimizer == 'keras_adam' and config.augment == ''
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
@@ -317,7 +310,7 @@ def test_tta_key_is_absent_when_off(tmp_path, image_folder):
 def test_dsresnet_fits_the_rules_and_sees_the_whole_image():
   config = get_config()
   config.model = 'dsresnet'
-  report = analysis.analyze_model(train.create_model(config, 10), (32, 32, 3), config.constraints)
+  report = experiment.describe_model(config, (32, 32, 3), 10).report
   # Pointwise kernels dominate: 24*40 + 2*40*40 + 40*80 + 2*80*80 + 80*160 + 2*160*160 + 160*10.
   assert (report.params_total, report.params_trainable) == (95_456, 93_776)
   assert report.params_total < 100_000 and report.violations == []

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsconv_jax import data, steps, train
+from dsconv_jax import data, models, steps, train
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -107,7 +107,7 @@ def test_resuming_a_different_model_is_refused(tmp_path, image_folder):
 def test_evaluation_counts_the_last_partial_batch(image_folder):
   ds = data.load_folder(image_folder)  # 12 test images
   config = config_for(image_folder)
-  model = train.create_model(config, ds.num_classes)
+  model = models.build_model(config, ds.num_classes)
   import optax
   state = steps.create_train_state(model, jax.random.key(3), ds.image_shape, optax.sgd(0.1))
   mesh = steps.create_mesh()

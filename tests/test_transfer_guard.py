@@ -1,34 +1,21 @@
 """After setup, a training epoch copies nothing from the host: the data already lives on the device."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
 
-from dsconv_jax import optim, steps, train
+from dsconv_jax import experiment
 from dsconv_jax.defaults import get_testing_config
 
 
 def _setup(steps_per_epoch=3, batch_size=8):
+  """The experiment `main` would build, on synthetic 16x16 images, with augmentation on."""
   config = get_testing_config()
-  model = train.create_model(config, 3)
-  mesh = steps.create_mesh()
-  n = steps_per_epoch * batch_size
-  rng = np.random.default_rng(0)
-  images = steps.put_sharded_rows(mesh, rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8))
-  labels = steps.put_sharded_rows(mesh, rng.integers(0, 3, (n,), dtype=np.int32))
-  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
-  seed_key = jax.random.key(0)
-  state = jax.jit(functools.partial(steps.create_train_state, model, image_shape=(16, 16, 3),
-                                    tx=tx))(seed_key)
-  step_fn = functools.partial(
-      steps.train_step, mean=steps.put_replicated(mesh, np.zeros(3, np.float32)),
-      std=steps.put_replicated(mesh, np.full(3, 255.0, np.float32)), augment=('crop', 'flip'))
-  train_epoch = steps.make_train_epoch(mesh, steps_per_epoch=steps_per_epoch,
-                                       batch_size=batch_size, num_examples=n,
-                                       seed_key=seed_key, step_fn=step_fn)
-  return train_epoch, state, images, labels
+  config.batch_size = batch_size
+  config.augment = 'crop,flip'
+  data = experiment.synthetic_data(steps_per_epoch * batch_size, (16, 16, 3), 3, seed=0)
+  exp = experiment.create_experiment(config, data)
+  return exp.train_epoch, exp.state, exp.train_images, exp.train_labels
 
 
 def test_train_epoch_runs_under_a_disallowing_transfer_guard():

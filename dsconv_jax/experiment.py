@@ -1,0 +1,217 @@
+"""Setting up a run from its config: what `main` trains is by construction what `throughput` times.
+
+`create_experiment(config, data)` builds, once, everything a run needs: the model (its width
+fitted to a budget, its report), the normalisation, the optimizer and its schedule, the initial
+train state on the mesh, the training split on the devices, and the jitted epoch and evaluation.
+`train.train_and_evaluate` loops over its epochs; `throughput` times its epoch on synthetic data
+(`synthetic_data`); `summary` prints its first stage, `describe_model`. Nothing else builds these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from dsconv_jax import analysis
+from dsconv_jax import augment as augment_lib
+from dsconv_jax import budget
+from dsconv_jax import data as data_lib
+from dsconv_jax import models
+from dsconv_jax import optim
+from dsconv_jax import steps
+from dsconv_jax.errors import UserError
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """One clear error per bad value, before any work is done."""
+  for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'train_examples', 'eval_examples'):
+    # A config file that builds its own ConfigDict is not type-checked by ml_collections.
+    if not isinstance(config[key], int) or isinstance(config[key], bool):
+      raise UserError(f'config.{key} must be an integer, got {config[key]!r}')
+  for key in ('num_epochs', 'batch_size', 'eval_batch_size'):
+    if int(config[key]) <= 0:
+      raise UserError(f'config.{key} must be a positive integer, got {config[key]}')
+  for key in ('train_examples', 'eval_examples'):
+    if int(config[key]) < 0:
+      raise UserError(f'config.{key} must be >= 0 (0 means the whole split), got {config[key]}')
+  if config.get('compute_dtype', 'float32') not in steps.COMPUTE_DTYPES:
+    raise UserError(f'config.compute_dtype must be one of {", ".join(steps.COMPUTE_DTYPES)}, got '
+                    f'{config.compute_dtype!r}')
+  models.options_from_config(config)  # depthwise_impl, dropout_impl
+  # Optimizer and schedule values (names, signs): building them is cheap and checks each, so a
+  # typo fails here rather than after the dataset is decoded.
+  optim.create_optimizer(config, optim.create_schedule(config, 1))
+  ema_decay = ema_decay_of(config)
+  if not 0.0 <= ema_decay < 1.0:
+    raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
+  n = jax.device_count()
+  if config.batch_size % n:
+    raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
+                    f'use a multiple of {n}')
+
+
+def ema_decay_of(config: ml_collections.ConfigDict) -> float:
+  return float(config.get('ema_decay', 0.0) or 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The dataset of a run and the splits it trains and validates on (seeded subsets, or whole)."""
+  dataset: data_lib.Dataset
+  train: data_lib.Split
+  val: data_lib.Split
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.dataset.image_shape
+
+  @property
+  def num_classes(self) -> int:
+    return self.dataset.num_classes
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Loads `config.dataset` and takes the configured subsets (train_examples, eval_examples)."""
+  dataset = data_lib.load_dataset(config.dataset, config.data_dir, config.cache_dir,
+                                  config.image_size)
+  train, val = dataset.train, dataset.test
+  if config.train_examples:
+    train = data_lib.take_subset(train, config.train_examples, config.data_seed)
+  if config.eval_examples:
+    val = data_lib.take_subset(val, config.eval_examples, config.data_seed + 1)
+  return Data(dataset, train, val)
+
+
+def synthetic_data(num_examples: int, image_shape, num_classes: int, seed: int) -> Data:
+  """Random uint8 images and labels (for timing): `num_examples` to train on, a few to validate."""
+  rng = np.random.default_rng(seed)
+  split = lambda n: data_lib.Split(rng.integers(0, 256, (n, *image_shape), dtype=np.uint8),
+                                   rng.integers(0, num_classes, (n,), dtype=np.int32))
+  dataset = data_lib.Dataset(split(num_examples), split(num_classes),
+                             [f'class_{i}' for i in range(num_classes)], 'synthetic')
+  return Data(dataset, dataset.train, dataset.test)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDescription:
+  """A model as the config builds it, with its report (layers, parameters, violations)."""
+  config: ml_collections.ConfigDict  # The config with config.fit_params' width applied.
+  model: nn.Module
+  report: analysis.ModelReport
+  width: dict[str, Any]  # budget.resolve_width's info: width_multiplier, fit_params, ...
+
+
+def describe_model(config: ml_collections.ConfigDict, image_shape, num_classes: int
+                   ) -> ModelDescription:
+  """Builds `config`'s model for images of `image_shape` (fitting its width first) and reports it."""
+  config, width = budget.resolve_width(config, image_shape, num_classes)
+  model = models.build_model(config, num_classes)
+  report = analysis.analyze_model(model, image_shape, config.constraints)
+  return ModelDescription(config, model, report, width)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything a run needs, built once by `create_experiment`."""
+  config: ml_collections.ConfigDict  # As `description.config`: the width applied.
+  data: Data
+  description: ModelDescription
+  mesh: jax.sharding.Mesh
+  seed_key: jax.Array
+  mean: list[float]  # Normalisation, in 0..255 units (the training images' when standardized).
+  std: list[float]
+  steps_per_epoch: int
+  epoch_lr: Callable[[int], float]  # lr(epoch), as metrics.jsonl reports it.
+  state: steps.TrainState  # The initial state of the seed, replicated over the mesh.
+  train_images: jax.Array  # The training split on the devices, rows sharded over the mesh.
+  train_labels: jax.Array
+  train_epoch: Callable  # jitted (state, images, labels, epoch) -> (state, per-step metrics)
+  eval_batch_size: int
+  evaluate: Callable  # jitted (state, images, labels, mask) -> {'loss', 'accuracy'}
+  evaluate_tta_flip: Callable  # The same with the mirror-averaged logits.
+
+  @property
+  def model(self) -> nn.Module:
+    return self.description.model
+
+  def put_split(self, split: data_lib.Split) -> tuple[jax.Array, ...]:
+    """(images, labels, mask) of `split` on the devices, padded for `evaluate`."""
+    return tuple(steps.put_sharded_rows(self.mesh, a)
+                 for a in steps.padded_split(split, self.eval_batch_size))
+
+  def compile_epoch(self, state: steps.TrainState) -> tuple[Callable, float]:
+    """The compiled epoch for `state`'s layout, and the seconds compiling took."""
+    t0 = time.perf_counter()
+    compiled = self.train_epoch.lower(state, self.train_images, self.train_labels,
+                                      np.int32(1)).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape, tx, mesh,
+               seed_key: jax.Array) -> steps.TrainState:
+  """The initial train state of seed `seed_key`, replicated over `mesh`."""
+  return jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
+                                   tx=tx, ema=bool(ema_decay_of(config))),
+                 out_shardings=NamedSharding(mesh, P()))(jax.random.fold_in(seed_key, steps.INIT))
+
+
+def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array,
+                    std: jax.Array) -> Callable:
+  """`steps.train_step` with the config's recipe bound (augmentation, label smoothing, EMA,
+  compute dtype) and the normalisation's device arrays."""
+  return functools.partial(steps.train_step, mean=mean, std=std,
+                           augment=augment_lib.parse(config.augment),
+                           label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
+                           ema_decay=ema_decay_of(config),
+                           compute_dtype=config.get('compute_dtype', 'float32'))
+
+
+def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
+                      on_model: Callable[[ModelDescription], None] | None = None) -> Experiment:
+  """Builds the run of `config` on `data`; `on_model` sees the model before the state is built
+  (where `main` prints its table and refuses violated constraints)."""
+  validate_config(config)
+  steps_per_epoch = len(data.train.labels) // config.batch_size
+  if steps_per_epoch == 0:
+    raise UserError(f'config.batch_size={config.batch_size} is larger than the '
+                    f'{len(data.train.labels)} training examples')
+  description = describe_model(config, data.image_shape, data.num_classes)
+  if on_model is not None:
+    on_model(description)
+  config = description.config
+
+  mean, std = data_lib.normalization_stats(data.train.images, config.normalization)
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  mesh = steps.create_mesh()
+  seed_key = jax.random.key(config.seed)
+  state = init_state(config, description.model, data.image_shape, tx, mesh, seed_key)
+
+  # The data lives on the devices, rows split over the mesh; each process transfers its part.
+  n_dev = mesh.size
+  mean_d = steps.put_replicated(mesh, np.asarray(mean, np.float32))
+  std_d = steps.put_replicated(mesh, np.asarray(std, np.float32))
+  train_epoch = steps.make_train_epoch(
+      mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
+      num_examples=len(data.train.labels), seed_key=seed_key,
+      step_fn=bind_train_step(config, mean_d, std_d))
+  eval_batch_size = -(-config.eval_batch_size // n_dev) * n_dev
+  make_evaluate = lambda tta_flip: steps.make_evaluate(
+      mesh, batch_size=eval_batch_size,
+      step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d, tta_flip=tta_flip,
+                                compute_dtype=config.get('compute_dtype', 'float32')))
+  return Experiment(
+      config=config, data=data, description=description, mesh=mesh, seed_key=seed_key,
+      mean=mean, std=std, steps_per_epoch=steps_per_epoch,
+      epoch_lr=optim.create_learning_rate_fn(config, steps_per_epoch), state=state,
+      train_images=steps.put_sharded_rows(mesh, steps.pad_rows(data.train.images, n_dev)),
+      train_labels=steps.put_sharded_rows(mesh, steps.pad_rows(data.train.labels, n_dev)),
+      train_epoch=train_epoch, eval_batch_size=eval_batch_size, evaluate=make_evaluate(False),
+      evaluate_tta_flip=make_evaluate(True))

@@ -1,0 +1,157 @@
+"""Hand-written gradients that make XLA's CPU backend fast; forward values equal the plain forms.
+
+Each function here has the values of a plain JAX expression and a `jax.custom_vjp` whose backward
+pass XLA's CPU backend compiles into far less work than autodiff of that expression. Each one's
+reason, measured on Model 3's compiled CPU step (results/throughput-cpu-ablation, BENCHMARKS.md):
+
+* `shifted_taps`: autodiff of the shifted depthwise form made one padded full-size tensor per tap
+  and recomputed BatchNorm and dropout inside each (undoing it: 384 -> 322 img/s).
+* `pointwise_conv`: autodiff computed the kernel gradient from a transposed copy of the output
+  gradient fused with its producers (undoing it: 384 -> 198 img/s).
+* `tiled_max_pool`: XLA's select-and-scatter became index arrays, a variadic reduce-window and a
+  scatter (undoing it: 384 -> 336 img/s).
+
+tests/test_layers.py checks every gradient here against autodiff of the plain form.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def shifted_taps_strided(x, k, strides, dilation, out_size):
+  """sum over taps (i, j) of the strided window of padded `x` at (i * dh, j * dw), times k[i, j]."""
+  (sh, sw), (dh, dw), (out_h, out_w) = strides, dilation, out_size
+  out = None
+  for i in range(k.shape[0]):
+    for j in range(k.shape[1]):
+      patch = jax.lax.slice(
+          x, (0, i * dh, j * dw, 0),
+          (x.shape[0], i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, x.shape[3]),
+          (1, sh, sw, 1))
+      term = patch * k[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def shifted_taps(x, k, dilation):
+  """The shifted depthwise form at stride 1, on the padded input, with a hand-written gradient.
+
+  Autodiff of the slices gives one padded full-size tensor per tap for the input gradient, and
+  XLA's CPU backend then recomputes the producers of `x` (BatchNorm, dropout) inside each.
+  Written by hand, the input gradient is the same shifted form again (the padded output gradient
+  against the flipped kernel) and the kernel gradient one reduction per tap.
+  """
+  kh, kw = k.shape[:2]
+  dh, dw = dilation
+  out_size = (x.shape[1] - (kh - 1) * dh, x.shape[2] - (kw - 1) * dw)
+  return shifted_taps_strided(x, k, (1, 1), dilation, out_size)
+
+
+def _shifted_taps_fwd(x, k, dilation):
+  return shifted_taps(x, k, dilation), (x, k)
+
+
+def _shifted_taps_bwd(dilation, residuals, dy):
+  x, k = residuals
+  kh, kw = k.shape[:2]
+  dh, dw = dilation
+  # dx[h] = sum_i dy[h - i * dh] k[i]: the output gradient padded by (k - 1) * d on both sides,
+  # correlated with the flipped kernel.
+  ph, pw = (kh - 1) * dh, (kw - 1) * dw
+  dy_padded = jnp.pad(dy, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dx = shifted_taps_strided(dy_padded, k[::-1, ::-1], (1, 1), dilation, x.shape[1:3])
+  oh, ow = dy.shape[1:3]
+  dk = jnp.stack([
+      jnp.stack([jnp.sum(x[:, i * dh:i * dh + oh, j * dw:j * dw + ow] * dy, axis=(0, 1, 2),
+                         dtype=jnp.float32) for j in range(kw)]) for i in range(kh)])
+  return dx, dk.astype(k.dtype)
+
+
+shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
+
+
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """1x1 convolution of NHWC `x` with a (C, F) kernel.
+
+  The gradient is written by hand as two (N*H*W, C)-shaped matrix products. With the einsum's own
+  gradient, XLA's CPU backend computed the kernel gradient from a transposed copy of the output
+  gradient, fused with everything that produces it (BatchNorm, ReLU and dropout backward): most of
+  Model 3's CPU step (BENCHMARKS.md). The forward pass stays one einsum, which is what
+  `dsconv_jax.analysis` reads.
+  """
+  return jnp.einsum('nhwc,cf->nhwf', x, kernel)
+
+
+def _pointwise_conv_fwd(x, kernel):
+  return pointwise_conv(x, kernel), (x, kernel)
+
+
+def _pointwise_conv_bwd(residuals, dy):
+  x, kernel = residuals
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+  dkernel = jnp.matmul(x2.T, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
+  return (dy2 @ kernel.T).reshape(x.shape), dkernel
+
+
+pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """Max pooling of NHWC `x` over non-overlapping `window`s ('valid' padding).
+
+  Same values and gradient as `nn.max_pool` (the gradient goes to the first maximum of each
+  window in row-major order, like XLA's select-and-scatter and TensorFlow). Computed through a
+  reshape instead: XLA's CPU backend expands select-and-scatter into four index arrays, a
+  variadic reduce-window and a scatter, about 15% of Model 3's CPU step (BENCHMARKS.md), where
+  this is a few fused elementwise operations and a reduction.
+  """
+  return nn.max_pool(x, window, window, padding='VALID')
+
+
+def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """(N, H, W, C) -> (N, H // ph, ph, W // pw, pw, C), dropping the rows and columns left over."""
+  n, h, w, c = x.shape
+  (ph, pw), (oh, ow) = window, (h // window[0], w // window[1])
+  return x[:, :oh * ph, :ow * pw].reshape(n, oh, ph, ow, pw, c)
+
+
+def _window_positions(shape, window):
+  """Each element's row-major position inside its window, for `_windows`-shaped arrays."""
+  dtype = jnp.int8 if window[0] * window[1] < 127 else jnp.int32
+  return (jax.lax.broadcasted_iota(dtype, shape, 2) * dtype(window[1])
+          + jax.lax.broadcasted_iota(dtype, shape, 4))
+
+
+def _tiled_max_pool_fwd(x, window):
+  xw = _windows(x, window)
+  y = xw.max(axis=(2, 4))
+  # The first maximum's position is kept (one byte per output) rather than `x`: recomputing
+  # it in the backward pass from `x` also recomputed everything fused into `x`.
+  position = _window_positions(xw.shape, window)
+  first = jnp.min(jnp.where(xw == y[:, :, None, :, None], position, jnp.iinfo(position.dtype).max),
+                  axis=(2, 4))
+  return y, (first, x.shape)
+
+
+def _tiled_max_pool_bwd(window, residuals, dy):
+  first, (n, h, w, c) = residuals
+  ph, pw = window
+  oh, ow = dy.shape[1:3]
+  position = _window_positions((n, oh, ph, ow, pw, c), window)
+  dxw = jnp.where(position == first[:, :, None, :, None], dy[:, :, None, :, None],
+                  jnp.zeros((), dy.dtype))
+  dx = dxw.reshape(n, oh * ph, ow * pw, c)
+  return (jnp.pad(dx, ((0, 0), (0, h - dx.shape[1]), (0, w - dx.shape[2]), (0, 0))),)
+
+
+tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
+
+
