@@ -5,7 +5,8 @@ module only produces numpy arrays; batching, shuffling, preprocessing and augmen
 device inside compiled code (`dsconv_jax.train`, `dsconv_jax.augment`).
 
 Sources (`config.dataset`):
-* `cifar10` or any tfds image-classification name, through tensorflow-datasets (`tfds_source`);
+* `cifar10` or any tfds image-classification name, through tensorflow-datasets (`tfds_source`; the
+  optional `dsconv_jax[tfds]` extra);
 * `folder:ROOT`, the layout `ROOT/{train,test}/<class>/<image>` (JPEG, PNG, ... of any size,
   RGB or grayscale), read with Pillow alone, without TensorFlow. Class ids follow the sorted class
   folder names (CIFAR-10's ids for the CIFAR-10 folders).
@@ -61,31 +62,32 @@ def load_dataset(dataset: str, data_dir: str | None = None, cache_dir: str | Non
   if dataset.startswith('folder:'):
     root = os.path.expanduser(dataset[len('folder:'):])
     return load_folder(root, cache_dir=cache_dir, image_size=image_size)
-  from dsconv_jax import tfds_source  # TensorFlow only when this source is used.
+  from dsconv_jax import tfds_source  # tensorflow-datasets, an optional extra, only when used.
   source = f'tfds:{dataset}'
+  # One tfds builder serves the cache key, the class names and both splits.
+  tfds_dataset = tfds_source.TfdsSource(dataset, data_dir or None)
 
-  def cache_path() -> tuple[str | None, list[str]]:
+  def cache_path() -> str | None:
     # Keyed by the prepared files (names, sizes, times), like folder datasets by their images.
-    prepared = tfds_source.prepared_fingerprint(dataset, data_dir or None) if cache_dir else None
-    if prepared is None:
-      return None, []
-    key, names = prepared
+    key = tfds_dataset.fingerprint() if cache_dir else None
+    if key is None:
+      return None
     digest = hashlib.sha256(f'v1|{dataset}|{image_size}|{key}'.encode()).hexdigest()[:24]
-    return os.path.join(os.path.expanduser(cache_dir), f'tfds-{digest}.npz'), names
+    return os.path.join(os.path.expanduser(cache_dir), f'tfds-{digest}.npz')
 
-  path, class_names = cache_path()
+  path = cache_path()
   cached = _read_cache(path) if path else None
   if cached is not None:
-    return Dataset(cached['train'], cached['test'], class_names, source)
+    return Dataset(cached['train'], cached['test'], tfds_dataset.class_names, source)
   splits = {}
   for split in SPLITS:
-    images, labels, class_names = tfds_source.load_split(dataset, split, data_dir or None)
+    images, labels = tfds_dataset.load_split(split)  # The first call prepares the dataset.
     splits[split] = Split(_resize_all(images, image_size), labels.astype(np.int32))
   if path is None:
-    path, _ = cache_path()  # Prepared by this load.
+    path = cache_path()  # Prepared by this load.
   if path:
     _write_cache(path, splits)
-  return Dataset(splits['train'], splits['test'], class_names, source)
+  return Dataset(splits['train'], splits['test'], tfds_dataset.class_names, source)
 
 
 def _list_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:

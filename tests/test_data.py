@@ -2,6 +2,9 @@
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import pytest
 from conftest import make_image_folder
 from dsconv_jax import data
 from dsconv_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_folder_dataset_reads_both_splits_in_class_order(image_folder):
@@ -114,3 +119,33 @@ def test_mixed_sizes_need_image_size(tmp_path):
   with pytest.raises(UserError, match='image_size'):
     data.load_folder(root)
   assert data.load_folder(root, image_size=32).image_shape == (32, 32, 3)
+
+
+def test_import_and_folder_datasets_need_no_tensorflow(tmp_path, image_folder):
+  # tensorflow-datasets and TensorFlow are the optional `tfds` extra. A fresh interpreter where
+  # importing them fails, as when they are not installed, imports every module of the package,
+  # reads a folder dataset, and gets a one-line UserError naming the extra for a tfds name.
+  script = textwrap.dedent(f"""
+      import importlib, pkgutil, sys
+      for name in ('tensorflow', 'tensorflow_datasets'):
+        sys.modules[name] = None  # `import name` now raises ModuleNotFoundError.
+      import dsconv_jax
+      assert dsconv_jax.__path__[0].startswith({ROOT!r}), dsconv_jax.__path__  # This checkout's.
+      from dsconv_jax import data
+      from dsconv_jax.errors import UserError
+      for module in pkgutil.iter_modules(dsconv_jax.__path__):
+        importlib.import_module('dsconv_jax.' + module.name)
+      ds = data.load_dataset('folder:{image_folder}', cache_dir={str(tmp_path / 'cache')!r})
+      assert ds.train.images.shape == (36, 32, 32, 3), ds.train.images.shape
+      try:
+        data.load_dataset('cifar10')
+      except UserError as e:
+        print('UserError:', e)
+      """)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == 1, result.stdout
+  assert "pip install 'dsconv_jax[tfds]'" in lines[0]
+  assert '--config.dataset=folder:ROOT' in lines[0]
