@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -106,30 +107,73 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
       argv = FLAGS(argv)
       _check_config_loaded()
       return argv
-    except flags.Error as e:
-      if 'Error whilst parsing config file' in str(e):
-        # The config file itself failed (e.g. it sets a value of the wrong type): a bad config,
-        # not a command-line usage error. The cause is the message's last line, after a traceback.
-        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        flag_name = lines[0].split(': Error whilst')[0].removeprefix('flag ')
-        print(f'error: cannot load {flag_name}: {lines[-1]}', file=sys.stderr)
-        sys.exit(1)
-      print(f'error: {_first_line(e)}\nusage: python -m {_module_name()} --config=configs/'
-            'model3.py [--config.KEY=VALUE ...] (--helpfull for all flags)', file=sys.stderr)
-      sys.exit(2)
-    except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(1)
     except Exception as e:  # pylint: disable=broad-except
-      # Config files are executed while flags are parsed: a missing file or an error inside one
-      # is the user's to fix, not a crash. The cause is the message's last line.
-      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-      given = next((a for a in argv if a.startswith('--config=')), '--config')
-      print(f'error: cannot load {given}: {lines[-1] if lines else type(e).__name__}',
-            file=sys.stderr)
-      sys.exit(1)
+      # A typo in a --config.KEY override surfaces as one of several errors, depending on where
+      # ml_collections notices it; name the key whatever the error.
+      unknown = _unknown_config_override(argv)
+      if unknown:
+        print(f'error: {unknown}', file=sys.stderr)
+        sys.exit(2)
+      _report_parse_error(e, argv)
 
   run_cli(lambda: app.run(lambda argv: run_cli(lambda: wrapped(argv)), flags_parser=flags_parser))
+
+
+def _report_parse_error(e: Exception, argv: Sequence[str]) -> None:
+  """Prints a flag-parsing error as one line and exits (2 for usage, 1 for a bad config file)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if isinstance(e, flags.Error) and 'Error whilst parsing config file' in str(e):
+    # The config file itself failed (e.g. it sets a value of the wrong type): a bad config, not a
+    # command-line usage error. The cause is the message's last line, after a traceback.
+    flag_name = lines[0].split(': Error whilst')[0].removeprefix('flag ')
+    print(f'error: cannot load {flag_name}: {lines[-1]}', file=sys.stderr)
+    sys.exit(1)
+  if isinstance(e, flags.Error):
+    print(f'error: {_first_line(e)}\nusage: python -m {_module_name()} --config=configs/'
+          'model3.py [--config.KEY=VALUE ...] (--helpfull for all flags)', file=sys.stderr)
+    sys.exit(2)
+  if isinstance(e, UserError):
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  # Config files are executed while flags are parsed: a missing file or an error inside one is the
+  # user's to fix, not a crash. The cause is the message's last line.
+  given = next((a for a in argv if a.startswith('--config=')), '--config')
+  print(f'error: cannot load {given}: {lines[-1] if lines else type(e).__name__}',
+        file=sys.stderr)
+  sys.exit(1)
+
+
+def _unknown_config_override(argv: Sequence[str]) -> str | None:
+  """'unknown config key ...' for the first --config.KEY=VALUE whose KEY the config lacks.
+
+  The config file is loaded again on its own (config files are cheap and side-effect free); None
+  when it cannot be loaded (that error is reported instead) or every key exists.
+  """
+  import difflib
+  import importlib.util
+  path = next((a[len('--config='):] for a in argv if a.startswith('--config=')), None)
+  if not path or not os.path.isfile(path):
+    return None
+  try:
+    spec = importlib.util.spec_from_file_location('_dsconv_jax_config_check', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    node, done = config, []
+    for part in key.split('.'):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        close = difflib.get_close_matches(part, keys, n=1)
+        hint = f" (did you mean '{'.'.join(done + close)}'?)" if close else ''
+        return f"unknown config key '{key}'{hint}"
+      node, done = node[part], done + [part]
+  return None
 
 
 def _check_config_loaded() -> None:

@@ -92,6 +92,9 @@ def load_dataset(dataset: str, data_dir: str | None = None, cache_dir: str | Non
 
 def _list_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
   """Returns class names and, per split, (path, label) pairs in a deterministic order."""
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise UserError(f'dataset folder {root!r} is a file, not a folder; folder:ROOT names a folder '
+                    'with ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg')
   if not os.path.isdir(root):
     raise UserError(f'dataset folder {root!r} does not exist; expected ROOT/train/<class>/*.jpg '
                     'and ROOT/test/<class>/*.jpg')
@@ -126,14 +129,45 @@ def _list_folder(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]
   return class_names, files
 
 
+# How stored pixels become uint8 (the rules of `_to_8bit`); part of the decoded-array cache's key,
+# so that arrays decoded under other rules are never read back.
+DECODE_RULES = ('v2: 16/32-bit integer grey scaled by 1/257 and clipped, float grey clipped to '
+                '0..255, alpha dropped, palette and CMYK through Pillow\'s RGB conversion')
+# Pillow modes decoded as one grey channel; every other mode is decoded as RGB.
+GREY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F')
+
+
+def _to_8bit(img, mode: str):
+  """A Pillow image as 8-bit `mode` ('L' or 'RGB'), by these rules (`DECODE_RULES`):
+
+  * 16-bit (and 32-bit integer) grey: v -> round(v / 257), i.e. 0..65535 onto 0..255, values
+    outside that range clipped; float grey ('F') is taken as 0..255 and clipped;
+  * alpha (RGBA, LA, PA and palettes with transparency) is dropped, keeping the stored colour, as
+    Keras' `image_dataset_from_directory` and torchvision's `ImageFolder` loaders do;
+  * palette, CMYK, YCbCr and the other colour modes: Pillow's conversion to RGB (CMYK without a
+    colour profile); bilevel ('1'): 0 and 255.
+  Grey images become RGB by repeating the grey value when `mode` is 'RGB'.
+  """
+  from PIL import Image
+  if img.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
+    a = np.asarray(img, dtype=np.float64)
+    a = a / 257.0 if img.mode != 'F' else a
+    img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), 'L')
+  elif img.mode in ('LA', 'La'):
+    img = img.getchannel('L')
+  elif img.mode in ('P', 'PA'):
+    img = img.convert('RGBA')
+  return img.convert(mode)
+
+
 def _decode(path: str, image_size: int, mode: str | None):
   from PIL import Image  # Pillow is only needed for folder datasets.
   try:
     with Image.open(path) as img:
       img.load()
       if mode is None:
-        mode = 'L' if img.mode in ('L', 'I;16', 'I', '1') else 'RGB'
-      img = img.convert(mode)
+        mode = 'L' if img.mode in GREY_MODES else 'RGB'
+      img = _to_8bit(img, mode)
       if image_size and img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BILINEAR)
       arr = np.asarray(img, dtype=np.uint8)
@@ -147,7 +181,7 @@ def _grayscale(path: str) -> bool:
   from PIL import Image
   try:
     with Image.open(path) as img:
-      return img.mode in ('L', 'I;16', 'I', '1')
+      return img.mode in GREY_MODES
   except (OSError, ValueError, SyntaxError) as e:
     raise UserError(f'cannot read image {path!r} ({type(e).__name__}: {e}); replace or remove '
                     'the file') from None
@@ -169,7 +203,7 @@ def load_folder(root: str, cache_dir: str | None = None, image_size: int = 0) ->
   """Reads an image-folder dataset, decoding once and caching the arrays in `cache_dir`."""
   root = os.path.abspath(root)
   class_names, files = _list_folder(root)
-  digest = hashlib.sha256(f'v1|{root}|{image_size}'.encode())
+  digest = hashlib.sha256(f'{DECODE_RULES}|{root}|{image_size}'.encode())
   for split in SPLITS:
     for path, label in files[split]:
       st = os.stat(path)

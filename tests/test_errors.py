@@ -52,6 +52,15 @@ CASES = {
     # unknown flag: a command-line usage error, exit status 2.
     'value_of_the_wrong_type': (['--config.batch_size=abc'], 2,
                                 'flag --config.batch_size=abc: invalid literal for int()'),
+    # A typo in a key: a usage error naming the key and the nearest one.
+    'typo_in_a_config_key': (['--config.batchsize=64'], 2,
+                             "unknown config key 'batchsize' (did you mean 'batch_size'?)"),
+    'typo_in_a_nested_config_key': (
+        ['--config.constraints.max_param=5'], 2,
+        "unknown config key 'constraints.max_param' (did you mean 'constraints.max_params'?)"),
+    'unknown_config_key': (['--config.zzz=1'], 2, "unknown config key 'zzz'"),
+    'dataset_folder_is_a_file': (['--config.dataset=folder:{file}'], 1,
+                                 "dataset folder '{file}' is a file, not a folder"),
     'zero_batch_size': (['--config.batch_size=0'], 1, 'config.batch_size must be a positive'),
     'zero_epochs': (['--config.num_epochs=0'], 1, 'config.num_epochs must be a positive'),
     'negative_learning_rate': (['--config.learning_rate=-0.1'], 1,
@@ -110,7 +119,7 @@ def test_bad_input_is_one_clear_line(tmp_path, image_folder, cli_env, case):
     make_image_folder(names['classes'], per_class=(2, 1))
     os.rename(os.path.join(names['classes'], 'test', 'frog'),
               os.path.join(names['classes'], 'test', 'toad'))
-  elif case == 'workdir_under_a_file':
+  elif case in ('workdir_under_a_file', 'dataset_folder_is_a_file'):
     with open(names['file'], 'w') as f:
       f.write('a regular file, not a folder')
   args = [a.format(**names) for a in args]
