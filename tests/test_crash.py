@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import make_image_folder
 import faults
@@ -127,11 +128,14 @@ def test_killed_at_every_point_resumes_to_the_same_metrics(tmp_path, folder, ref
   assert_same_run(workdir, reference)
   # TensorBoard: four processes wrote points, some of them for epochs later redone; a reader
   # gets each metric once per epoch, with the values of metrics.jsonl.
-  scalars = tensorboard.read_scalars(workdir)
+  accumulator = event_accumulator.EventAccumulator(
+      workdir, size_guidance={event_accumulator.SCALARS: 0})  # 0: keep every point
+  accumulator.Reload()
   rows = metrics_rows(workdir)
   for key in ('learning_rate', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy',
               'epoch_seconds', 'train_images_per_second'):
-    assert scalars[key] == [(r['epoch'], float(np.float32(r[key]))) for r in rows], key
+    assert [(e.step, e.value) for e in accumulator.Scalars(key)] == [
+        (r['epoch'], float(np.float32(r[key]))) for r in rows], key
 
 
 def test_metrics_line_of_an_epoch_whose_save_was_cut_is_recomputed(tmp_path, reference, folder,

@@ -1,11 +1,10 @@
-"""Progress lines, atomic files' permissions, and TensorBoard restarts (fast, no training)."""
+"""Progress lines and atomic files' permissions (fast, no training)."""
 
 import io
 import os
 
 from dsconv_jax import fileio
 from dsconv_jax import reporting
-from dsconv_jax import tensorboard
 
 
 class Terminal(io.StringIO):
@@ -71,22 +70,3 @@ def test_atomic_files_follow_the_umask_and_leave_no_temporary(tmp_path):
     os.umask(old)
   assert os.stat(path).st_mode & 0o777 == 0o644  # Not mkstemp's 0600: teammates can read it.
   assert os.listdir(tmp_path) == ['summary.json']
-
-
-def test_a_restart_drops_the_points_a_killed_run_wrote_past_its_checkpoint(tmp_path):
-  with tensorboard.EventWriter(tmp_path) as first:
-    first.session_start(1)
-    for epoch in (1, 2, 3):
-      first.scalars({'val_accuracy': epoch / 10, 'train_loss': 1.0}, epoch)
-  # Killed after epoch 3, resumed from the checkpoint of epoch 1: epochs 2 and 3 are redone.
-  with tensorboard.EventWriter(tmp_path) as second:
-    second.session_start(2)
-    for epoch in (2, 3, 4):
-      second.scalars({'val_accuracy': epoch / 100}, epoch)
-  scalars = tensorboard.read_scalars(tmp_path)
-  assert [s for s, _ in scalars['val_accuracy']] == [1, 2, 3, 4]
-  assert [round(v, 4) for _, v in scalars['val_accuracy']] == [0.1, 0.02, 0.03, 0.04]
-  assert [s for s, _ in scalars['train_loss']] == [1]
-  # The event TensorBoard purges on: Event.session_log (field 7) = SessionLog{status: START}.
-  with open(second.path, 'rb') as f:
-    assert b'\x3a\x02\x08\x01' in f.read()
