@@ -149,3 +149,70 @@ def test_import_and_folder_datasets_need_no_tensorflow(tmp_path, image_folder):
   assert len(lines) == 1, result.stdout
   assert "pip install 'dsconv_jax[tfds]'" in lines[0]
   assert '--config.dataset=folder:ROOT' in lines[0]
+
+
+def _one_image_folder(root, images):
+  """ROOT/{train,test}/a/0.png from Pillow images (the same one in both splits)."""
+  for split in ('train', 'test'):
+    for i, img in enumerate(images):
+      d = os.path.join(root, split, 'a')
+      os.makedirs(d, exist_ok=True)
+      img.save(os.path.join(d, f'{i}.png' if img.mode != 'CMYK' else f'{i}.jpg'))
+  return str(root)
+
+
+def test_16_bit_grey_png_is_scaled_to_8_bits(tmp_path):
+  from PIL import Image
+  values = np.linspace(1, 65420, 64).astype(np.uint16).reshape(8, 8)
+  img = Image.fromarray(values)  # mode I;16
+  assert img.mode.startswith('I')
+  ds = data.load_folder(_one_image_folder(tmp_path / 'f', [img]))
+  np.testing.assert_array_equal(ds.train.images[0, ..., 0], np.round(values / 257.0))
+  assert ds.image_shape == (8, 8, 1)
+
+
+def test_palette_rgba_la_and_cmyk_follow_the_stated_rules(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+  alpha = rng.integers(0, 256, (6, 6, 1), dtype=np.uint8)
+  grey = rng.integers(0, 256, (6, 6), dtype=np.uint8)
+  cases = {
+      # Alpha dropped: the stored colour, whatever the transparency.
+      'RGBA': (Image.fromarray(np.concatenate([rgb, alpha], -1), 'RGBA'), rgb),
+      # A palette image: its colours.
+      'P': (Image.fromarray(rgb).quantize(16), None),
+      # Grey with alpha, next to colour images: the grey repeated in R, G and B.
+      'LA': (Image.fromarray(np.stack([grey, alpha[..., 0]], -1), 'LA'),
+             np.repeat(grey[..., None], 3, -1)),
+      'CMYK': (Image.fromarray(rgb).convert('CMYK'), None),
+  }
+  cases['P'] = (cases['P'][0], np.asarray(cases['P'][0].convert('RGB')))
+  for mode, (img, expected) in cases.items():
+    root = _one_image_folder(tmp_path / mode, [img, Image.fromarray(rgb)])
+    got = data.load_folder(root).train.images[0]
+    if mode == 'CMYK':  # Stored as JPEG: Pillow's decoding, then its CMYK -> RGB conversion.
+      with Image.open(os.path.join(root, 'train', 'a', '0.jpg')) as stored:
+        expected = np.asarray(stored.convert('RGB'))
+    np.testing.assert_array_equal(got, expected, err_msg=mode)
+
+
+def test_grey_alone_stays_one_channel_and_bilevel_is_0_or_255(tmp_path):
+  from PIL import Image
+  bits = np.random.default_rng(1).integers(0, 2, (8, 8)).astype(bool)
+  ds = data.load_folder(_one_image_folder(tmp_path / 'f', [Image.fromarray(bits)]))
+  np.testing.assert_array_equal(ds.train.images[0, ..., 0], bits * 255)
+
+
+def test_cache_is_keyed_on_the_decoding_rules(tmp_path, monkeypatch):
+  from PIL import Image
+  root = _one_image_folder(tmp_path / 'f', [Image.fromarray(np.full((4, 4), 1000, np.uint16))])
+  cache = str(tmp_path / 'cache')
+  # A cache written by the old rules (Pillow's plain conversion clipped 16-bit grey at 255) ...
+  monkeypatch.setattr(data, 'DECODE_RULES', 'v1')
+  monkeypatch.setattr(data, '_to_8bit', lambda img, mode: img.convert(mode))
+  assert data.load_folder(root, cache_dir=cache).train.images.max() == 255
+  monkeypatch.undo()
+  # ... is never read back under the current ones: 1000 / 257 rounds to 4.
+  assert data.load_folder(root, cache_dir=cache).train.images.max() == 4
+  assert len(os.listdir(cache)) == 2
