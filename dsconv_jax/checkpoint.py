@@ -8,7 +8,10 @@ may be transient) so that the epoch can be saved again. When no checkpoint at al
 the folder most likely belongs to another model, and nothing is moved: that is an error.
 
 A full disk or an unwritable folder while saving is a `UserError`, whether the save itself fails
-or its background write does (which surfaces at the next save, `wait` or `close`).
+or its background write does (which surfaces at the next save, `wait` or `close`). Orbax's
+background threads log such a failure with a traceback each (through absl logging) before the
+waiting thread sees it; `_QuietOrbaxErrors` drops those records while this module holds the
+error, so the run ends with its one `error:` line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,35 @@ import orbax.checkpoint as ocp
 from dsconv_jax.errors import UserError
 
 
+# Causes worth naming when a save fails: tensorstore reports OS errors inside other exceptions.
+_CAUSES = ('No space left on device', 'Disk quota exceeded', 'File too large', 'Permission denied',
+           'Read-only file system')
+
+
+def _cause(e: BaseException) -> str:
+  """A short cause for a failed save: the OS error's text, wherever Orbax wrapped it."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  text = str(e)
+  for cause in _CAUSES:
+    if cause in text:
+      return cause
+  return f'{type(e).__name__}: {(text.splitlines() or [""])[0][:200]}'
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops error records logged from Orbax's own source files (its background save threads).
+
+  The failure they report is raised again in the thread that waits for the save, where
+  `Checkpoints` turns it into one `UserError`; the records would only print the same error with
+  a traceback per thread.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname.replace(
+        '\\', '/'))
+
+
 class Checkpoints:
   """The checkpoints of one run, stored as `DIR/<epoch>/` (Orbax steps are finished epochs)."""
 
@@ -41,22 +73,37 @@ class Checkpoints:
       self.manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
       raise UserError(f'cannot create the checkpoint folder {self.directory!r}: {e}') from None
+    # The newest whole checkpoint, and the epoch whose background save is in flight.
+    self._saved: int | None = max(self.epochs(), default=None)
+    self._pending: int | None = None
+    # absl routes Orbax's logging through the 'absl' logger; the filter sits on it for the run.
+    self._quiet = _QuietOrbaxErrors()
+    logging.getLogger('absl').addFilter(self._quiet)
 
   def epochs(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   @contextlib.contextmanager
-  def _write_errors(self, what: str) -> Iterator[None]:
+  def _write_errors(self, epoch: int) -> Iterator[None]:
     try:
       yield
-    except OSError as e:
-      raise UserError(f'cannot save {what} in {self.directory!r} ({e.strerror or e}); free '
-                      'disk space or choose another --workdir, then run the same command') from None
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and tensorstore raise ValueError, RuntimeError or OSError for the same full disk.
+      kept = (f'the checkpoint of epoch {self._saved} is intact' if self._saved else
+              'no epoch is saved yet')
+      raise UserError(f'cannot save the checkpoint of epoch {epoch} in {self.directory!r} '
+                      f'({_cause(e)}); {kept}: free disk space or choose another --workdir, '
+                      'then run the same command') from None
 
   def save(self, epoch: int, state: Any) -> None:
-    """Starts saving `state` as epoch `epoch`; the device-to-host copy finishes before returning."""
-    with self._write_errors(f'the checkpoint of epoch {epoch}'):
+    """Starts saving `state` as epoch `epoch`; the device-to-host copy finishes before returning.
+
+    Waits for the previous save first, so that its failure is reported as that epoch's.
+    """
+    self.wait()
+    with self._write_errors(epoch):
       self.manager.save(epoch, args=ocp.args.StandardSave(state))
+    self._pending = epoch
 
   def restore_latest(self, target: Any) -> tuple[int, Any] | None:
     """Restores the newest readable checkpoint into the structure of `target`, or None."""
@@ -102,10 +149,17 @@ class Checkpoints:
 
   def wait(self) -> None:
     """Waits until the save in flight is on disk."""
-    with self._write_errors('a checkpoint'):
+    if self._pending is None:
+      return
+    with self._write_errors(self._pending):
       self.manager.wait_until_finished()
+    self._saved, self._pending = self._pending, None
 
   def close(self) -> None:
-    with self._write_errors('a checkpoint'):
-      self.manager.wait_until_finished()
-      self.manager.close()
+    try:
+      self.wait()
+    finally:
+      # Closing joins Orbax's threads even after a failed save, so none is left to log at exit.
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      logging.getLogger('absl').removeFilter(self._quiet)

@@ -226,9 +226,10 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
 
 def _write_summary(workdir: str, summary: dict[str, Any], history) -> None:
   with fileio.writing(f'summary.json and curves.png to {workdir!r}'):
-    fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
+    # summary.json last: it marks a finished run (bench and load_run look for it).
     reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
                           title=f'{summary["model"]} ({summary["dataset"]})')
+    fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
   best = summary['max_val_accuracy']
   print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}), test accuracy '
         f'{100 * summary["test_accuracy"]:.2f}%, {summary["train_seconds"]:.1f} s of training',

@@ -6,6 +6,7 @@ saving; a damaged newest checkpoint falls back to the previous one; a diverging 
 stop with one clear error and keep the last good checkpoint.
 """
 
+import contextlib
 import errno
 import glob
 import json
@@ -195,36 +196,67 @@ def test_sigterm_and_sigint_stop_after_saving_and_the_run_resumes(tmp_path, refe
   assert_same_run(workdir, reference)
 
 
-FULL_DISK = '''
-import errno
-import orbax.checkpoint as ocp
-_save = ocp.CheckpointManager.save
-def _save_on_a_full_disk(self, step, *args, **kwargs):
-  if step == 3:
-    raise OSError(errno.ENOSPC, 'No space left on device')
-  return _save(self, step, *args, **kwargs)
-ocp.CheckpointManager.save = _save_on_a_full_disk
+@contextlib.contextmanager
+def small_filesystem(path, size_kb):
+  """A real tmpfs of `size_kb` mounted at `path` (root only); yields a function that grows it,
+  or None where mounting is not permitted."""
+  os.makedirs(path)
+  mount = lambda *args: subprocess.run(['mount', '-t', 'tmpfs', *args, 'tmpfs', path],
+                                       capture_output=True).returncode == 0
+  if not (shutil.which('mount') and mount('-o', f'size={size_kb}k')):
+    yield None
+    return
+  try:
+    yield lambda kb: subprocess.run(['mount', '-o', f'remount,size={kb}k', path], check=True)
+  finally:
+    subprocess.run(['umount', '-l', path], check=False)
+
+
+# Where no filesystem can be mounted: every file this process writes is limited to this size, so
+# Orbax's own writes (tensorstore's file layer) fail with EFBIG ("File too large") as a full disk
+# fails them with ENOSPC.
+FILE_SIZE_LIMIT = '''
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))
 '''
 
 
 def test_full_disk_while_saving_is_one_clear_error_and_nothing_half_written(
     tmp_path, reference, folder, cli_env):
-  workdir = str(tmp_path / 'run')
-  out = main_cli(workdir, folder, cli_env, prelude=FULL_DISK)
-  assert_clean_error(out, 1, 'cannot save the checkpoint of epoch 3')
-  assert 'No space left on device' in out.stderr
-  assert len([l for l in out.stderr.splitlines() if l.startswith('error:')]) == 1
-  assert saved_epochs(workdir) == [1, 2]
-  metrics_rows(workdir)  # Whole lines only.
-  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
-  # No temporary file (fileio's hidden '.NAME.PID.HEX.tmp') or Orbax tmp folder is left.
-  leftovers = [name for _, dirs, files in os.walk(workdir) for name in dirs + files
-               if name.endswith('.tmp') or 'orbax-checkpoint-tmp' in name]
-  assert not leftovers
-  # Space freed: the same command finishes the run as if nothing had happened.
-  out = main_cli(workdir, folder, cli_env)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert_same_run(workdir, reference)
+  env = dict(cli_env)
+  with small_filesystem(str(tmp_path / 'small'), 200) as grow:
+    workdir = str(tmp_path / 'small' / 'run')
+    if grow is None:
+      env.pop('JAX_COMPILATION_CACHE_DIR')  # Its files would hit the limit too.
+      out = main_cli(workdir, folder, env, prelude=FILE_SIZE_LIMIT)
+      cause = 'File too large'
+    else:
+      out = main_cli(workdir, folder, env)
+      cause = 'No space left on device'
+    assert_clean_error(out, 1, cause)
+    errors = [l for l in out.stderr.splitlines() if l.startswith('error:')]
+    assert len(errors) == 1 and out.stderr.strip() == errors[0], out.stderr[-3000:]
+    if grow is not None:  # The tmpfs fills during a checkpoint; the file limit may hit another file.
+      assert 'cannot save the checkpoint of epoch ' in errors[0]
+      failed = int(errors[0].split('checkpoint of epoch ')[1].split()[0])
+      saved = saved_epochs(workdir)
+      assert saved == list(range(max(1, failed - 2), failed)), (saved, errors)
+      assert (f'the checkpoint of epoch {failed - 1} is intact' if saved else
+              'no epoch is saved yet') in errors[0]
+    metrics_rows(workdir)  # Whole lines only.
+    assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+    # No temporary file of fileio's ('.NAME.PID.HEX.tmp') is left.
+    assert not [name for _, dirs, files in os.walk(workdir) for name in dirs + files
+                if name.endswith('.tmp')]
+    # Space freed: the same command finishes the run as if nothing had happened.
+    if grow is None:
+      out = main_cli(workdir, folder, cli_env)
+    else:
+      grow(20_000)
+      out = main_cli(workdir, folder, env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_run(workdir, reference)
 
 
 def test_divergence_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
