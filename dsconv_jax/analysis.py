@@ -483,3 +483,18 @@ def format_table(report: ModelReport, title: str = '') -> str:
 
 def _fmt(v: int | list[int]) -> str:
   return str(v) if isinstance(v, int) else 'x'.join(map(str, v))
+
+
+def batch_norm_momenta(model: nn.Module, input_shape: Sequence[int]) -> list[float]:
+  """The momentum of every `flax.linen.BatchNorm` that `model` calls (the project's BatchNorm
+  layers wrap one), found by tracing its initialisation abstractly."""
+  momenta = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      momenta.append(float(context.module.momentum))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  return momenta

@@ -140,6 +140,7 @@ def run_bench(config, workdir: str, seeds: Sequence[int],
   import jax
   from dsconv_jax import fileio, train
   summaries: dict[int, dict[str, Any]] = {}
+  shown = False  # The model table: once for all seeds (they share the model).
   for seed in seeds:
     seed_config = config.copy_and_resolve_references()
     with seed_config.unlocked():
@@ -150,7 +151,9 @@ def run_bench(config, workdir: str, seeds: Sequence[int],
       print(f'seed {seed}: finished earlier in {seed_dir}, not retrained', flush=True)
     else:
       print(f'seed {seed}: training in {seed_dir}', flush=True)
-      summary = _normalized(train.train_and_evaluate(seed_config, seed_dir))
+      summary = _normalized(train.train_and_evaluate(seed_config, seed_dir,
+                                                     show_model=not shown))
+      shown = True
     summaries[seed] = summary
   stats = aggregate(summaries)
   result = {'seeds': list(seeds), **stats,

@@ -85,9 +85,12 @@ def table_path(out: str) -> str:
 def compare(directories: Sequence[str], out: str) -> dict[str, Any]:
   """Writes the overlaid curves to `out` and the table next to it; returns what was written.
 
-  Returns a dict with `png` (= out), `table_path`, `table` (the markdown text), `labels` and
-  `lines` (the number of curves drawn: 4 per run).
+  `out` without an extension gets '.png'. Returns a dict with `png` (the PNG's path),
+  `table_path`, `table` (the markdown text), `labels` and `lines` (the number of curves drawn:
+  4 per run).
   """
+  if not os.path.splitext(out)[1]:
+    out += '.png'
   if table_path(out) == out:
     raise UsageError(f'--out={out} would be overwritten by the table; name a .png file')
   runs = [load_run(d) for d in directories]

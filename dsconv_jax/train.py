@@ -9,6 +9,7 @@ checkpoint), and writes summary.json and curves.png at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -61,12 +62,15 @@ def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet: bool = False,
+                       show_model: bool = True,
                        callbacks_hook: CallbacksHook | None = None) -> dict[str, Any]:
   """Trains `config` into `workdir`, resuming from its newest checkpoint; returns the summary.
 
   Crash-safe: killed at any moment, the same call resumes to the metrics of an uninterrupted run
   (see `callbacks`). SIGTERM/SIGINT stop after the current epoch is saved, raising
-  `errors.Stopped`. `quiet` turns the per-epoch progress lines off.
+  `errors.Stopped`. `quiet` turns the model table and the per-epoch progress lines off;
+  `show_model` False only the table (bench shows it once for all seeds). A finished run resumed
+  prints no table either.
   """
   experiment_lib.validate_config(config)
   is_writer = jax.process_index() == 0
@@ -79,6 +83,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)
   start_epoch, state = _restore(checkpoints, exp.state, config, workdir, is_writer)
+  if is_writer and show_model and not quiet and start_epoch < config.num_epochs:
+    print(_model_table(exp.description, data), flush=True)
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   history = [r for r in fileio.read_jsonl(metrics_path) if r.get('epoch', 0) <= start_epoch]
   # Only process 0 writes the run's files and reports progress.
@@ -115,22 +121,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
 
 def _report_model(description: experiment_lib.ModelDescription, data: experiment_lib.Data,
                   workdir: str, is_writer: bool) -> None:
-  """Prints the model's table, refuses violated constraints and a workdir of another run."""
-  config, report, (h, w, c) = description.config, description.report, data.image_shape
-  if is_writer:
-    print(analysis.format_table(report, f'{config.model} on {h}x{w}x{c} ({data.dataset.source})'),
-          flush=True)
-    if description.width['fit_params']:
-      print(budget.describe(description.width), flush=True)
+  """Refuses violated constraints (after printing the table) and a workdir of another run; warns
+  when BatchNorm's statistics will not have settled by the first evaluation."""
+  config, report = description.config, description.report
   if report.violations:
+    if is_writer:
+      print(_model_table(description, data), flush=True)
     raise UserError(f'model {config.model!r} violates the configured constraints: '
                     + '; '.join(report.violations))
   if is_writer:
+    warning = batch_norm_warmup_warning(description.model, data.image_shape,
+                                        len(data.train.labels) // config.batch_size)
+    if warning:
+      print(warning, flush=True)
     _check_run_identity(workdir, {
         'model': config.model, 'model_kwargs': dict(config.get('model_kwargs', {}) or {}),
         'dataset': data.dataset.source, 'image_shape': list(data.image_shape),
         'num_classes': data.num_classes, 'train_examples': int(config.train_examples),
         'seed': int(config.seed)})
+
+
+# Above this share of their initial values (mean 0, variance 1) left in BatchNorm's moving
+# statistics after the first epoch, evaluation sees the wrong statistics: warn.
+BATCH_NORM_INITIAL_SHARE = 0.05
+
+
+def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str | None:
+  """A 'warning:' line when the first evaluation would still lean on BatchNorm's initial values.
+
+  After n steps at momentum m the moving statistics hold m**n of their initial values: Keras'
+  0.99 needs about 300 steps to forget them, so short runs of the source recipes validate near
+  chance while training accuracy climbs (faithful to Keras, and a trap for a newcomer).
+  """
+  momenta = analysis.batch_norm_momenta(model, image_shape)
+  if not momenta or steps_per_epoch <= 0:
+    return None
+  momentum = max(momenta)
+  share = momentum ** steps_per_epoch
+  if share <= BATCH_NORM_INITIAL_SHARE:
+    return None
+  needed = math.ceil(math.log(BATCH_NORM_INITIAL_SHARE) / math.log(momentum))
+  return (f'warning: BatchNorm momentum {momentum} over {steps_per_epoch} steps per epoch leaves '
+          f'{100 * share:.0f}% of the initial moving statistics in place at the first evaluation '
+          f'(about {needed} steps are needed to forget them), so validation accuracy will read '
+          'near chance until then; use --config.bn_momentum=0.9, more training data or a '
+          'smaller batch')
+
+
+def _model_table(description: experiment_lib.ModelDescription, data: experiment_lib.Data) -> str:
+  (h, w, c), config = data.image_shape, description.config
+  table = analysis.format_table(description.report,
+                                f'{config.model} on {h}x{w}x{c} ({data.dataset.source})')
+  if description.width['fit_params']:
+    table += '\n' + budget.describe(description.width)
+  return table
 
 
 def _restore(checkpoints, initial_state, config, workdir: str, is_writer: bool):

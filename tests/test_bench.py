@@ -39,6 +39,7 @@ def test_bench_writes_statistics_and_resumes(image_folder, tmp_path):
     with open(workdir / f'seed_{seed}' / 'summary.json') as f:
       assert json.load(f) == result['runs'][str(seed)]
   assert 'mean ± std (n=2)' in out.stdout
+  assert out.stdout.count('Total params:') == 1  # The model table once for all seeds.
   # Time to the default target (the source baseline's 82.93%), from each seed's metrics.jsonl.
   to_target = result['to_target']
   assert to_target['target_accuracy'] == pytest.approx(0.8293)

@@ -81,3 +81,11 @@ def test_bad_arguments(tmp_path, two_runs, cli_env):
     assert out.stderr.startswith('error: ') and message in out.stderr, out.stderr
     assert len(out.stderr.splitlines()) == 1 and 'Traceback' not in out.stderr
   assert not os.path.exists(out_png)
+
+
+def test_out_without_an_extension_gets_png(tmp_path, two_runs):
+  result = compare.compare(two_runs, str(tmp_path / 'report'))
+  assert result['png'] == str(tmp_path / 'report.png')
+  with open(tmp_path / 'report.png', 'rb') as f:
+    assert f.read(8) == PNG_SIGNATURE
+  assert os.path.exists(tmp_path / 'report.md') and not os.path.exists(tmp_path / 'report')

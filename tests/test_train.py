@@ -94,6 +94,7 @@ def test_finished_run_is_not_retrained(tmp_path, image_folder, capsys):
   summary = train.train_and_evaluate(config_for(image_folder, num_epochs=1), workdir)
   out = capsys.readouterr().out
   assert 'resuming from the checkpoint of epoch 1' in out and 'epoch   1/1' not in out
+  assert 'Total params' not in out  # No model table for a run that has nothing left to train.
   assert summary['epochs'] == 1
 
 
@@ -185,3 +186,23 @@ def test_cli_trains_from_a_folder(tmp_path, image_folder):
   assert out.returncode == 0, out.stderr
   assert 'Total params: 179' in out.stdout and 'epoch   1/1' in out.stdout
   assert os.path.exists(os.path.join(tmp_path, 'run', 'summary.json'))
+  quiet = _main_cli('--config=configs/tiny.py', f'--workdir={tmp_path}/quiet', '--quiet',
+                    f'--config.dataset=folder:{image_folder}', '--config.num_epochs=1')
+  assert quiet.returncode == 0 and 'Total params' not in quiet.stdout, quiet.stdout
+
+
+def test_batch_norm_warmup_warning_names_momentum_steps_and_the_way_out():
+  tiny = models.create_model('tiny')  # Keras' momentum 0.99
+  warning = train.batch_norm_warmup_warning(tiny, (32, 32, 3), steps_per_epoch=4)
+  assert warning.startswith('warning: BatchNorm momentum 0.99 over 4 steps per epoch leaves 96%')
+  assert 'about 299 steps' in warning and '--config.bn_momentum=0.9' in warning
+  # Enough steps, or a faster momentum: the statistics have settled, no warning.
+  assert train.batch_norm_warmup_warning(tiny, (32, 32, 3), steps_per_epoch=400) is None
+  fast = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=1)
+  assert train.batch_norm_warmup_warning(fast, (32, 32, 3), steps_per_epoch=40) is None
+
+
+def test_short_run_prints_the_warning_on_its_own_line(tmp_path, image_folder, capsys):
+  train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
+  lines = capsys.readouterr().out.splitlines()
+  assert sum(l.startswith('warning: BatchNorm momentum 0.99 over 4 steps') for l in lines) == 1
