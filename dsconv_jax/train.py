@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -74,28 +75,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   """
   experiment_lib.validate_config(config)
   is_writer = jax.process_index() == 0
-  _prepare_workdir(workdir)
-  data = experiment_lib.load_data(config)
-  exp = experiment_lib.create_experiment(
-      config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer))
-  config = exp.config
-
-  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                           keep=config.checkpoint_keep)
-  start_epoch, state = _restore(checkpoints, exp.state, config, workdir, is_writer)
-  if is_writer and show_model and not quiet and start_epoch < config.num_epochs:
-    print(_model_table(exp.description, data), flush=True)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  history = [r for r in fileio.read_jsonl(metrics_path) if r.get('epoch', 0) <= start_epoch]
-  # Only process 0 writes the run's files and reports progress.
-  callbacks = callbacks_lib.default_callbacks(
-      metrics_path=metrics_path, history=history, logdir=workdir, start_epoch=start_epoch,
-      progress=reporting.Progress(config.num_epochs, quiet=quiet or not is_writer),
-      checkpoints=checkpoints, is_writer=is_writer)
+  created = not os.path.exists(workdir)
+  try:
+    run = _start(config, workdir, quiet, show_model, is_writer)
+  except BaseException:
+    if created and is_writer:
+      # A run that failed to start leaves no workdir behind (nothing in it was trained).
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  exp, state, start_epoch, history, callbacks, compiled_epoch, compile_seconds, val_arrays = run
   if callbacks_hook is not None:
     callbacks = list(callbacks_hook(callbacks))
-  val_arrays = exp.put_split(data.val)
-  compiled_epoch, compile_seconds = exp.compile_epoch(state)
+  config = exp.config
 
   try:
     with stopping.StopOnSignals() as stop:
@@ -117,6 +108,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   if is_writer:
     _write_summary(workdir, summary, history)
   return summary
+
+
+def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool):
+  """Everything before the first epoch: the experiment, the restored state, the callbacks, the
+  compiled epoch and the validation split on the devices."""
+  _prepare_workdir(workdir)
+  data = experiment_lib.load_data(config)
+  exp = experiment_lib.create_experiment(
+      config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer))
+  config = exp.config
+
+  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                           keep=config.checkpoint_keep)
+  callbacks = [callbacks_lib.Checkpointing(checkpoints)]
+  try:
+    start_epoch, state = _restore(checkpoints, exp.state, config, workdir, is_writer)
+    if is_writer and show_model and not quiet and start_epoch < config.num_epochs:
+      print(_model_table(exp.description, data), flush=True)
+    metrics_path = os.path.join(workdir, 'metrics.jsonl')
+    history = [r for r in fileio.read_jsonl(metrics_path) if r.get('epoch', 0) <= start_epoch]
+    # Only process 0 writes the run's files and reports progress.
+    callbacks = callbacks_lib.default_callbacks(
+        metrics_path=metrics_path, history=history, logdir=workdir, start_epoch=start_epoch,
+        progress=reporting.Progress(config.num_epochs, quiet=quiet or not is_writer),
+        checkpoints=checkpoints, is_writer=is_writer)
+    val_arrays = exp.put_split(data.val)
+    compiled_epoch, compile_seconds = exp.compile_epoch(state)
+  except BaseException as e:
+    callbacks_lib.close_all(callbacks, e)  # Joins Orbax's threads before the error goes up.
+    raise
+  return exp, state, start_epoch, history, callbacks, compiled_epoch, compile_seconds, val_arrays
 
 
 def _report_model(description: experiment_lib.ModelDescription, data: experiment_lib.Data,

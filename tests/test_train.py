@@ -206,3 +206,14 @@ def test_short_run_prints_the_warning_on_its_own_line(tmp_path, image_folder, ca
   train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
   lines = capsys.readouterr().out.splitlines()
   assert sum(l.startswith('warning: BatchNorm momentum 0.99 over 4 steps') for l in lines) == 1
+
+
+def test_a_failed_start_leaves_no_workdir(tmp_path, image_folder):
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError, match='does not exist'):
+    train.train_and_evaluate(config_for(str(tmp_path / 'no_images')), str(workdir))
+  assert not workdir.exists()
+  os.makedirs(workdir)  # A folder the user made is left alone, even when the start fails.
+  with pytest.raises(UserError, match='does not exist'):
+    train.train_and_evaluate(config_for(str(tmp_path / 'no_images')), str(workdir))
+  assert workdir.exists()
