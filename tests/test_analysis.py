@@ -1,6 +1,7 @@
 """Receptive fields, jumps, output sizes and constraint checks, computed from the real modules."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -288,14 +289,16 @@ def _same_3x3(x):
     ('transpose', lambda x: jnp.transpose(x, (0, 2, 1, 3)), 'it swaps the height and width axes'),
     ('concatenate', lambda x: jnp.concatenate([x, x], axis=2),
      'it joins maps along the height or width axis'),
+    # A flip keeps the field's size, but pixel k then sees what pixel n - 1 - k saw: refused.
     ('rev', lambda x: x[:, ::-1], 'it flips the height or width axis'),
     # Squeeze-and-excitation: every pixel also sees the whole map.
     ('mul', lambda x: x * jnp.mean(x, axis=(1, 2), keepdims=True),
      'it combines the map with a value pooled over the image'),
     ('add', lambda x: x[:, :4] + x[:, ::2], 'it combines maps whose neighbouring pixels are 1 and 2'),
+    # A primitive with no rule (a crop at positions known only when it runs).
     ('dynamic_slice', lambda x: jax.lax.dynamic_slice(x, (0, 1, 1, 0), (1, 4, 4, 3)),
      'the walk does not know how it moves pixels'),
-])
+], ids=['gather', 'transpose', 'concatenate', 'rev', 'pooled_mul', 'strides_add', 'unknown'])
 def test_operations_the_walk_cannot_follow_stop_it_naming_primitive_and_layer(primitive, fn,
                                                                                reason):
   with pytest.raises(UserError) as e:
@@ -338,7 +341,8 @@ def test_refusal_outside_every_row_names_the_flax_module_or_the_model():
     (lambda x: jnp.transpose(jax.lax.reduce_window(
         jnp.transpose(x, (0, 3, 1, 2)), -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 2, 2), 'SAME'),
         (0, 2, 3, 1)), 9),
-])
+], ids=['gather_channels', 'rev_channels', 'cumsum_channels', 'reduce_channels',
+        'concatenate_channels', 'split_height', 'nchw_pooling'])
 def test_operations_on_channels_or_moving_axes_keep_an_exact_field(fn, rf):
   report = analysis.analyze_model(_Around(fn), (8, 8, 3))
   assert report.layers[2].receptive_field == rf
@@ -355,6 +359,7 @@ def test_values_of_a_flattened_map_may_be_picked_only_once_mixed():
       return (layers.Dense(8)(x) if self.mix else x)[:, :5]
   with pytest.raises(UserError, match=r'^receptive field unknown for slice in Net: it may pick'):
     analysis.analyze_model(Net(mix=False), (6, 6, 3))
+  # Mixed by the dense layer, every value sees the 4x4 map's fields: 3 + 3 = 6 pixels.
   assert analysis.analyze_model(Net(mix=True), (6, 6, 3)).layers[-1].receptive_field == 6
 
 
@@ -409,10 +414,12 @@ def test_plain_flax_layers_get_rows_typed_like_the_projects():
   # Conv 3x3: 3; pooling 2x2: 4, jump 2; 3x3: 4 + 2 * 2 = 8; average pooling 2x2: 8 + 2, jump 4.
   assert [l.receptive_field for l in report.layers] == [3, 3, 3, 4, 8, 8, 8, 10]
   assert [l.jump for l in report.layers] == [1, 1, 1, 2, 2, 2, 2, 4]
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  # Flax's own variables (shapes only: a real init compiles for seconds on a CPU).
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  count = lambda tree: sum(math.prod(v.shape) for v in jax.tree.leaves(tree))
   assert set(variables) == {'params', 'batch_stats'}
-  assert report.params_total == sum(v.size for v in jax.tree.leaves(variables)) == 1_328
-  assert report.params_trainable == sum(v.size for v in jax.tree.leaves(variables['params']))
+  assert report.params_total == count(variables) == 1_328
+  assert report.params_trainable == count(variables['params'])
   assert report.layers[2].params_trainable == 2 * 16
   assert report.layers[0].macs == 16 * 16 * 6 * 9 and report.layers[1].macs == 16 * 16 * 16 * 6
   assert report.violations == []
