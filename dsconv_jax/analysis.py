@@ -1,17 +1,32 @@
 """What a model is, computed from its real computation: layers, shapes, parameters, receptive fields.
 
 `analyze_model` traces the model once (`jax.make_jaxpr`, eval mode, nothing is run) with a Flax
-method interceptor that records every call of a `dsconv_jax.layers.Layer` (name, type, output shape,
-parameters) and tags its output with a marker. The receptive field is then propagated through the
-jaxpr primitive by primitive, so it is exact for any topology (residual branches, 'same' padding,
-strided and dilated convolutions, shifted-slice depthwise convolutions), with nothing typed in by
-hand. For each array we keep, per spatial axis, the interval of input pixels that output pixel 0 sees
-(`lo`, `hi`) and the jump (input pixels between neighbouring outputs); the receptive field is
-`hi - lo + 1`.
+method interceptor that records every call of a layer (name, type, output shape, parameters) and
+tags its output with a marker. A layer is a `dsconv_jax.layers.Layer`, or a plain `flax.linen`
+`Conv`, `BatchNorm`, `Dropout` or `Dense` that no layer wraps; its row is named by its Flax path
+(`Conv_0`, `Block_0/BatchNorm_0`) and typed as the project's layer would be (`nn.Conv` is a
+`DepthwiseConv2D` when `feature_group_count` equals its input channels, a `PointwiseConv2D` when 1x1
+with one group, else a `Conv2D`). Functions (`nn.relu`, `nn.max_pool`, `jnp.mean`) have no row: the
+walk below follows their operations, and the next row shows what they did.
+
+The receptive field is propagated through the jaxpr primitive by primitive, so it is exact for any
+topology (residual branches, 'same' padding, strided and dilated convolutions, shifted-slice
+depthwise convolutions), with nothing typed in by hand. For each array we keep, per image axis
+(height, width), where that axis is in the array, the interval of input pixels that pixel 0 sees
+(`lo`, `hi`) and the jump (input pixels between neighbouring pixels); the receptive field is
+`hi - lo + 1`. Every primitive that meets an array with height and width axes must be one the walk
+knows (elementwise, reductions, convolutions, pooling, slicing, padding, reshapes that keep or
+flatten the map, transposes and concatenations that keep them in place, ...): any other one, and any
+known one used in a way whose field no single window per axis describes (a gather or a flip along
+height or width, a transpose that swaps them, a concatenation along one, a value pooled over the
+map spread back over it), stops the analysis with a `UserError` naming the primitive and its layer,
+never a wrong number. Once height and width are pooled or flattened away, a value sees the union of
+what its inputs saw.
 
 The same walk checks the design constraints of the source studies on the real operations: a k x k
 convolution (k > 1) across channels, a dense layer (a matrix product on features with no spatial
-axes left) and the absence of BatchNorm are violations when the config forbids them.
+extent left: after global pooling or a flatten, or a 1x1 convolution on a 1x1 map) and the absence
+of BatchNorm are violations when the config forbids them. Each names its row as the table does.
 
 It also counts the multiply-accumulates (MACs) of one image, per layer and in total. Counted are
 the operations that multiply data by weights: convolutions (output elements x kh*kw*Cin/groups),
@@ -20,7 +35,7 @@ value computed from kernel weights alone, which is how the shifted depthwise for
 that both depthwise forms count the same. BatchNorm, biases, activations and pooling are not
 counted (Model 3's BatchNorm layers, folded into one multiply-add per element, would add 210,048,
 1.9%). The operations of a layer are those traced between its call and its return (markers around
-each top-level `Layer` call); an operation outside every layer counts only in the total.
+each top-level layer call); an operation outside every layer counts only in the total.
 
 Finally, `receptive_field_advice` compares the receptive field of the output with the image; see
 its docstring for the thresholds.
@@ -29,6 +44,7 @@ its docstring for the thresholds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import textwrap
 from typing import Any, Sequence
@@ -39,12 +55,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsconv_jax import layers as layers_lib
+from dsconv_jax.errors import UserError
 
 _MARKER_PREFIX = '_dsconv_layer_'
 _BEGIN_PREFIX = '_dsconv_begin_'
 # A receptive field more than this many times the image size "overshoots" it (see
 # `receptive_field_advice`).
 RF_OVERSHOOT_FACTOR = 4
+# Plain Flax layers that get a row of their own, with the type the project's layer would have
+# (`nn.Conv` is typed by `_conv_type`).
+_FLAX_ROWS = ((nn.BatchNorm, 'BatchNorm'), (nn.Dropout, 'Dropout'), (nn.Dense, 'Dense'))
+
+# Primitives the walk enters and follows inside (called once, with these operands).
+_CALLS = frozenset({'jit', 'closed_call', 'custom_jvp_call', 'custom_vjp_call', 'remat2'})
+_ELEMENTWISE = frozenset({
+    'abs', 'acos', 'acosh', 'add', 'and', 'asin', 'asinh', 'atan', 'atan2', 'atanh', 'cbrt', 'ceil',
+    'clamp', 'conj', 'convert_element_type', 'copy', 'cos', 'cosh', 'digamma', 'div', 'eq', 'erf',
+    'erf_inv', 'erfc', 'exp', 'exp2', 'expm1', 'floor', 'ge', 'gt', 'imag', 'integer_pow',
+    'is_finite', 'le', 'lgamma', 'log', 'log1p', 'logistic', 'lt', 'max', 'min', 'mul', 'ne', 'neg',
+    'nextafter', 'not', 'or', 'population_count', 'pow', 'real', 'reduce_precision', 'rem', 'round',
+    'rsqrt', 'select_n', 'shift_left', 'shift_right_arithmetic', 'shift_right_logical', 'sign',
+    'sin', 'sinh', 'sqrt', 'square', 'stop_gradient', 'sub', 'tan', 'tanh', 'xor'})
+_REDUCTIONS = frozenset({'reduce_sum', 'reduce_max', 'reduce_min', 'reduce_prod', 'reduce_and',
+                         'reduce_or', 'reduce_xor', 'argmax', 'argmin'})
+# Operations along one axis, where each value sees the values before it (or all of them).
+_ALONG_AXIS = frozenset({'cumsum', 'cumprod', 'cummax', 'cummin', 'cumlogsumexp', 'sort'})
+_WINDOWS = frozenset({'reduce_window_sum', 'reduce_window_max', 'reduce_window_min',
+                      'reduce_window'})
+# Operations that use every value of their operands: on a flattened map, whose values see different
+# pixels, the union of what the inputs saw is still what the result sees as a whole.
+_USES_EVERY_VALUE = _ELEMENTWISE | _REDUCTIONS | {'dot_general', 'broadcast_in_dim', 'reshape',
+                                                  'squeeze', 'transpose', 'concatenate'}
 
 
 @dataclasses.dataclass
@@ -85,21 +126,50 @@ class ModelReport:
 
 @dataclasses.dataclass(frozen=True)
 class _Info:
-  """Receptive-field state of one array: per spatial axis (lo, hi) of output pixel 0, and jump."""
+  """Receptive-field state of one array computed from the image.
+
+  Per image axis (height, width): `lo` and `hi`, the interval of input pixels that the array's
+  pixel 0 sees; `jump`, the input pixels between neighbouring pixels; `axes`, where that image axis
+  is in the array, None once it is pooled or flattened away (the interval then covers the axis).
+  `uniform` is False after a flatten, whose values see different pixels: picking some of them
+  would see less than the union kept here.
+  """
   lo: tuple[int, int]
   hi: tuple[int, int]
   jump: tuple[int, int]
+  axes: tuple[int | None, int | None] = (1, 2)
+  uniform: bool = True
+
+  def spatial(self) -> bool:
+    return any(p is not None for p in self.axes)
 
   def union(self, other: '_Info') -> '_Info':
-    return _Info(tuple(map(min, self.lo, other.lo)), tuple(map(max, self.hi, other.hi)),
-                 tuple(map(max, self.jump, other.jump)))
+    return dataclasses.replace(self, lo=tuple(map(min, self.lo, other.lo)),
+                               hi=tuple(map(max, self.hi, other.hi)),
+                               jump=tuple(map(max, self.jump, other.jump)),
+                               uniform=self.uniform and other.uniform)
 
   def window(self, axis: int, size: int, stride: int, dilation: int, pad_lo: int) -> '_Info':
     lo, hi, jump = list(self.lo), list(self.hi), list(self.jump)
     lo[axis] -= pad_lo * jump[axis]
     hi[axis] += ((size - 1) * dilation - pad_lo) * jump[axis]
     jump[axis] *= stride
-    return _Info(tuple(lo), tuple(hi), tuple(jump))
+    return dataclasses.replace(self, lo=tuple(lo), hi=tuple(hi), jump=tuple(jump))
+
+  def shifted(self, axis: int, start: int, stride: int = 1) -> '_Info':
+    """Pixel 0 of a slice that starts at pixel `start` of `axis` and keeps every `stride`-th."""
+    return self.window(axis, 1, stride, 1, -start)
+
+  def pooled(self, axis: int, n: int) -> '_Info':
+    """A reduction over `axis` (n pixels) sees all of it; the axis is gone."""
+    hi, jump, axes = list(self.hi), list(self.jump), list(self.axes)
+    hi[axis] += (n - 1) * jump[axis]
+    jump[axis] *= n
+    axes[axis] = None
+    return dataclasses.replace(self, hi=tuple(hi), jump=tuple(jump), axes=tuple(axes))
+
+  def moved(self, axes: Sequence[int | None]) -> '_Info':
+    return dataclasses.replace(self, axes=tuple(axes))
 
   def size(self) -> tuple[int, int]:
     return tuple(h - l + 1 for l, h in zip(self.lo, self.hi))
@@ -109,10 +179,21 @@ def _squash(v: Sequence[int]) -> int | list[int]:
   return int(v[0]) if v[0] == v[1] else [int(x) for x in v]
 
 
-class _Walker:
-  """Propagates `_Info` through a jaxpr; records markers, convolution and matmul facts, MACs."""
+class _Unknown(Exception):
+  """Raised by a propagation rule with the reason the walk cannot follow an operation exactly."""
 
-  def __init__(self):
+
+class _Walker:
+  """Propagates `_Info` through a jaxpr; records markers, convolution and matmul facts, MACs.
+
+  `names` are the table's row names by index, `modules` the paths of every Flax module called (to
+  name, outside every row, the module an operation belongs to), `input_shape` the image's (H, W, C).
+  """
+
+  def __init__(self, names: Sequence[str], modules: set[str], input_shape: Sequence[int]):
+    self.names = names
+    self.modules = modules
+    self.input_shape = input_shape
     self.marked: dict[int, _Info | None] = {}
     self.violations_conv: list[str] = []
     self.dense_ops: list[str] = []
@@ -122,7 +203,8 @@ class _Walker:
     # Vars computed from kernel weights alone (no input pixel): multiplying data by one is a MAC.
     self._weights: set[Any] = set()
 
-  def run(self, jaxpr, in_infos, in_weights=None):
+  def run(self, jaxpr, in_infos, in_weights=None, scope: str = ''):
+    """Walks `jaxpr`; `scope` is the name stack of the call that holds it (inner ones are relative)."""
     env: dict[Any, _Info | None] = {}
     read = lambda v: None if isinstance(v, jax.extend.core.Literal) else env.get(v)
     for v, info, weight in zip(jaxpr.invars, in_infos, in_weights or [False] * len(in_infos)):
@@ -131,10 +213,9 @@ class _Walker:
     for eqn in jaxpr.eqns:
       ins = [read(v) for v in eqn.invars]
       weights = [self._is_weight(v) for v in eqn.invars]
-      outs = self._eqn(eqn, ins, weights)
-      sub = _sub_jaxpr(eqn)
-      if sub is not None and len(sub.invars) == len(ins):
-        out_weights = [self._is_weight(v) for v in sub.outvars]
+      outs = self._eqn(eqn, ins, weights, scope)
+      if eqn.primitive.name in _CALLS:
+        out_weights = [self._is_weight(v) for v in _sub_jaxpr(eqn).outvars]
       else:
         out_weights = [any(weights) and all(i is None for i in ins)] * len(eqn.outvars)
       for v, info, weight in zip(eqn.outvars, outs, out_weights):
@@ -152,81 +233,78 @@ class _Walker:
     else:
       self._weights.discard(v)
 
-  def _eqn(self, eqn, ins, weights):
+  def _eqn(self, eqn, ins, weights, scope):
     name = eqn.primitive.name
-    params = eqn.params
-    where = str(eqn.source_info.name_stack).partition('/')[2] or '(top level)'
-    sub = _sub_jaxpr(eqn)
-    if sub is not None:
-      fn_name = params.get('name', '')
+    if name in _CALLS:
+      fn_name = eqn.params.get('name', '')
       if isinstance(fn_name, str) and fn_name.startswith(_MARKER_PREFIX):
         self.marked[int(fn_name[len(_MARKER_PREFIX):])] = ins[0]
         self._layer = None
       elif isinstance(fn_name, str) and fn_name.startswith(_BEGIN_PREFIX):
         self._layer = int(fn_name[len(_BEGIN_PREFIX):])
-      if len(sub.invars) == len(ins):
-        return self.run(sub, ins, weights)
-    known = [i for i in ins if i is not None]
-    merged = None
-    for i in known:
-      merged = i if merged is None else merged.union(i)
-    n_out = len(eqn.outvars)
-    if merged is None:
-      return [None] * n_out
+      return self.run(_sub_jaxpr(eqn), ins, weights, _join(scope, eqn.source_info.name_stack))
+    if all(i is None for i in ins):
+      return [None] * len(eqn.outvars)
     self._count_macs(eqn, weights)
+    self._check_design(eqn, ins, scope)
+    try:
+      if any(i is not None and i.spatial() for i in ins):
+        if name not in _RULES:
+          raise _Unknown('the walk does not know how it moves pixels')
+        return _RULES[name](eqn, ins)
+      return _flat(eqn, ins)
+    except _Unknown as e:
+      raise UserError(f'receptive field unknown for {name} in {self._where(eqn, scope)}: '
+                      f'{e}') from None
+
+  def _where(self, eqn, scope: str) -> str:
+    """The table's name of the row running `eqn`; outside every row, its Flax module or the model."""
+    if self._layer is not None:
+      return self.names[self._layer]
+    parts = _join(scope, eqn.source_info.name_stack).split('/')
+    # The name stack starts with the model and may end with scopes that are not modules (einsum).
+    for end in range(len(parts), 1, -1):
+      path = '/'.join(parts[1:end])
+      if path in self.modules:
+        return path
+    return parts[0] or 'the model'
+
+  def _check_design(self, eqn, ins, scope: str) -> None:
+    """Records the convolutions across channels and the dense layers among the real operations."""
+    name = eqn.primitive.name
     if name == 'conv_general_dilated':
-      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-      dn = params['dimension_numbers']
-      lhs_spatial, rhs_spatial = dn.lhs_spec[2:], dn.rhs_spec[2:]
-      kernel = [rhs.shape[d] for d in rhs_spatial]
-      in_ch = lhs.shape[dn.lhs_spec[1]]
-      groups = params['feature_group_count']
-      info = ins[0]
-      for axis in range(2):
-        info = info.window(axis, kernel[axis], params['window_strides'][axis],
-                           params['rhs_dilation'][axis], params['padding'][axis][0])
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      dn = eqn.params['dimension_numbers']
+      kernel = [rhs[d] for d in dn.rhs_spec[2:]]
+      in_ch = lhs[dn.lhs_spec[1]]
+      groups = eqn.params['feature_group_count']
       if max(kernel) > 1 and groups < in_ch:
         self.violations_conv.append(
-            f'{where}: a {kernel[0]}x{kernel[1]} convolution across channels '
-            f'({in_ch} inputs, feature_group_count={groups}) is not depthwise-separable')
-      if all(lhs.shape[d] == 1 for d in lhs_spatial) and max(kernel) == 1:
-        self.dense_ops.append(f'{where}: a 1x1 convolution on a 1x1 map is a dense layer')
-      return [info]
-    if name.startswith('reduce_window') or name in ('reduce_window', 'max_pool', 'avg_pool'):
-      info = merged
-      for axis in range(2):
-        d = axis + 1
-        info = info.window(axis, params['window_dimensions'][d], params['window_strides'][d],
-                           params['window_dilation'][d], params['padding'][d][0])
-      return [info] * n_out
-    if name == 'pad':
-      info = merged
-      config = params['padding_config']
-      return [_Info(tuple(info.lo[a] - config[a + 1][0] * info.jump[a] for a in range(2)),
-                    tuple(info.hi[a] - config[a + 1][0] * info.jump[a] for a in range(2)),
-                    info.jump)]
-    if name == 'slice' and len(eqn.invars[0].aval.shape) == 4:
-      info = merged
-      start, strides = params['start_indices'], params['strides'] or (1,) * 4
-      return [_Info(tuple(info.lo[a] + start[a + 1] * info.jump[a] for a in range(2)),
-                    tuple(info.hi[a] + start[a + 1] * info.jump[a] for a in range(2)),
-                    tuple(info.jump[a] * strides[a + 1] for a in range(2)))]
-    if name in ('reduce_sum', 'reduce_max', 'reduce_min', 'argmax', 'argmin', 'reduce_prod'):
-      shape = eqn.invars[0].aval.shape
-      if len(shape) == 4:
-        return [_globalize(merged, shape, [a - 1 for a in params['axes'] if a in (1, 2)])] * n_out
-    if name == 'reshape':
-      shape, out_shape = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
-      if len(shape) == 4 and tuple(out_shape[:3]) != tuple(shape[:3]):
-        return [_globalize(merged, shape, [0, 1])]
-    if name == 'dot_general':
-      lhs = eqn.invars[0].aval.shape
-      if len(lhs) <= 2 and len(eqn.invars[1].aval.shape) <= 2:
-        self.dense_ops.append(f'{where}: a dense layer (matrix product on features)')
-      elif len(lhs) == 4 and lhs[1] == lhs[2] == 1:
-        self.dense_ops.append(f'{where}: a 1x1 convolution on a 1x1 map is a dense layer')
-    return [merged] * n_out
+            f'{self._where(eqn, scope)}: a {"x".join(map(str, kernel))} convolution across '
+            f'channels ({in_ch} inputs, feature_group_count={groups}) is not '
+            f'depthwise-separable (make it depthwise, feature_group_count={in_ch}, followed by a '
+            '1x1 convolution, or set --config.constraints.depthwise_separable_only=False)')
+      if max(kernel) == 1 and all(lhs[d] == 1 for d in dn.lhs_spec[2:]) and ins[0] is not None:
+        self.dense_ops.append(self._dense(eqn, scope, ins[0]))
+    elif name == 'dot_general':
+      k, info = next((k, i) for k, i in enumerate(ins) if i is not None)
+      shape = eqn.invars[k].aval.shape
+      if all(p is None or shape[p] == 1 for p in info.axes):
+        self.dense_ops.append(self._dense(eqn, scope, info))
 
+  def _dense(self, eqn, scope: str, info: _Info) -> str:
+    """The violation of a matrix product on data with no spatial extent, and how to avoid it."""
+    where = self._where(eqn, scope)
+    if not info.spatial():
+      return (f'{where}: a dense layer (a matrix product on features, with no height or width '
+              'left): use a 1x1 convolution before the global pooling instead, or set '
+              '--config.constraints.allow_dense=True')
+    # The map is 1x1 at this image size: one more jump of input pixels per axis makes it 2x2.
+    h, w = self.input_shape[:2]
+    n = max(s + j for s, j, p in zip((h, w), info.jump, info.axes) if p is not None)
+    return (f'{where}: a 1x1 convolution on a 1x1 map is a dense layer (with {h}x{w} images '
+            f'this map is 1x1: --config.image_size={n} or more keeps it at least 2x2, or set '
+            '--config.constraints.allow_dense=True)')
 
   def _count_macs(self, eqn, weights) -> None:
     """Adds the MACs of `eqn`, an operation on data of one image, to its layer and the total."""
@@ -249,23 +327,303 @@ class _Walker:
       self.macs[self._layer] = self.macs.get(self._layer, 0) + macs
 
 
-def _globalize(info: _Info, shape, axes) -> _Info:
-  """A reduction over spatial axes sees the whole extent of those axes."""
-  lo, hi, jump = list(info.lo), list(info.hi), list(info.jump)
-  for a in axes:
-    n = shape[a + 1]
-    hi[a] += (n - 1) * jump[a]
-    jump[a] *= n
-  return _Info(tuple(lo), tuple(hi), tuple(jump))
+def _join(scope: str, name_stack) -> str:
+  return '/'.join(s for s in (scope, str(name_stack)) if s)
 
 
 def _sub_jaxpr(eqn):
-  for key in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):
+  for key in ('jaxpr', 'call_jaxpr'):
     sub = eqn.params.get(key)
-    if sub is None:
-      continue
-    return getattr(sub, 'jaxpr', sub) if not hasattr(sub, 'eqns') else sub
+    if sub is not None:
+      return getattr(sub, 'jaxpr', sub) if not hasattr(sub, 'eqns') else sub
   return None
+
+
+# Propagation rules. `_flat` serves operations whose operands have no height or width axes left;
+# `_RULES` maps each primitive the walk knows to a function of (eqn, operand infos) that returns
+# the output infos or raises `_Unknown`.
+
+
+def _flat(eqn, ins) -> list[_Info]:
+  """Values with no height or width left: the result sees the union of what its inputs saw.
+
+  Exact for any operation when every input value sees the same pixels (after a pooling or a dense
+  layer). After a flatten, whose values see different pixels, only for operations that use every
+  value; the result sees the same pixels everywhere again once it sums over every axis.
+  """
+  known = [(k, i) for k, i in enumerate(ins) if i is not None]
+  out = functools.reduce(_Info.union, [i for _, i in known])
+  if not out.uniform:
+    if eqn.primitive.name not in _USES_EVERY_VALUE:
+      raise _Unknown('it may pick some values of a flattened map, which see different pixels')
+    out = dataclasses.replace(out, uniform=all(i.uniform or _covers(eqn, k) for k, i in known))
+  return [out] * len(eqn.outvars)
+
+
+def _covers(eqn, k: int) -> bool:
+  """Whether `eqn` reduces or contracts operand `k` over every axis longer than 1."""
+  name = eqn.primitive.name
+  if name in _REDUCTIONS:
+    over = eqn.params['axes']
+  elif name == 'dot_general':
+    over = eqn.params['dimension_numbers'][0][k]
+  else:
+    return False
+  return all(d in over for d, n in enumerate(eqn.invars[k].aval.shape) if n > 1)
+
+
+def _merge(infos: Sequence[_Info]) -> _Info:
+  """The union of arrays that meet pixel by pixel (an add, a concatenation along channels).
+
+  Exact when their image axes are in the same places and their pixels as far apart: otherwise what
+  a pixel sees would differ from pixel to pixel.
+  """
+  out = infos[0]
+  for other in infos[1:]:
+    for a in range(2):
+      p, q = out.axes[a], other.axes[a]
+      if (p is None) != (q is None):
+        raise _Unknown('it combines the map with a value pooled over the image (as '
+                       'squeeze-and-excitation or a norm over the map does), so what a pixel sees '
+                       'is no longer a window that moves with it')
+      if p != q:
+        raise _Unknown('it combines arrays whose height and width axes are in different places')
+      if p is not None and out.jump[a] != other.jump[a]:
+        raise _Unknown(f'it combines maps whose neighbouring pixels are {out.jump[a]} and '
+                       f'{other.jump[a]} input pixels apart')
+    out = out.union(other)
+  return out
+
+
+def _only(ins, k: int = 0) -> _Info:
+  """Operand `k`, the one computed from the image that a rule follows; any other one is refused."""
+  if any(i is not None for j, i in enumerate(ins) if j != k):
+    raise _Unknown('it also takes indices, padding or weights computed from the image')
+  return ins[k]
+
+
+def _without(axes, removed) -> list[int | None]:
+  """The positions of `axes` once the array axes `removed` are gone."""
+  return [None if p is None else p - sum(r < p for r in removed) for p in axes]
+
+
+def _elementwise(eqn, ins):
+  out = eqn.outvars[0].aval.shape
+  for v, info in zip(eqn.invars, ins):
+    if info is not None and any(p is not None and v.aval.shape[p] != out[p] for p in info.axes):
+      raise _Unknown('it spreads a 1-pixel map over a larger one')
+  return [_merge([i for i in ins if i is not None])] * len(eqn.outvars)
+
+
+def _reduce(eqn, ins):
+  info, shape, axes = _only(ins), eqn.invars[0].aval.shape, eqn.params['axes']
+  for a, p in enumerate(info.axes):
+    if p in axes:
+      info = info.pooled(a, shape[p])
+  return [info.moved(_without(info.axes, axes))] * len(eqn.outvars)
+
+
+def _along_axis(eqn, ins):
+  axis = eqn.params['dimension' if eqn.primitive.name == 'sort' else 'axis']
+  infos = [i for i in ins if i is not None]
+  if any(axis in i.axes for i in infos):
+    raise _Unknown('it runs along the height or width axis, so what a pixel sees depends on '
+                   'where it is')
+  return [_merge(infos)] * len(eqn.outvars)
+
+
+def _window_ops(eqn, ins):
+  """Pooling (reduce_window): a window on each image axis, like a convolution's."""
+  n = len(eqn.outvars)
+  if any(i is not None for i in ins[n:]):
+    raise _Unknown('its initial value is computed from the image')
+  p = eqn.params
+  outs = []
+  for info in ins[:n]:
+    if info is None:
+      continue
+    for a, pos in enumerate(info.axes):
+      if pos is None:
+        continue
+      if p['base_dilation'][pos] != 1:
+        raise _Unknown('its base dilation spreads pixels apart')
+      info = info.window(a, p['window_dimensions'][pos], p['window_strides'][pos],
+                         p['window_dilation'][pos], p['padding'][pos][0])
+    outs.append(info)
+  return [_merge(outs)] * n
+
+
+def _conv(eqn, ins):
+  info, p = _only(ins), eqn.params
+  dn, rhs = p['dimension_numbers'], eqn.invars[1].aval.shape
+  lhs_spatial = list(dn.lhs_spec[2:])
+  axes = list(info.axes)
+  for a, pos in enumerate(info.axes):
+    if pos is None:
+      continue
+    if pos not in lhs_spatial:
+      raise _Unknown('it treats the height or width axis as batch or channels')
+    i = lhs_spatial.index(pos)
+    if p['lhs_dilation'][i] != 1:
+      raise _Unknown('its input dilation (a transposed convolution) spreads pixels apart')
+    info = info.window(a, rhs[dn.rhs_spec[2 + i]], p['window_strides'][i], p['rhs_dilation'][i],
+                       p['padding'][i][0])
+    axes[a] = dn.out_spec[2 + i]
+  return [info.moved(axes)]
+
+
+def _dot_general(eqn, ins):
+  """A matrix product: image axes must stay free (a 1x1 convolution) or batch axes."""
+  (contract, batch) = eqn.params['dimension_numbers']
+  ranks = [len(v.aval.shape) for v in eqn.invars]
+  free = [[d for d in range(r) if d not in contract[k] and d not in batch[k]]
+          for k, r in enumerate(ranks)]
+  moved = []
+  for k, info in enumerate(ins):
+    if info is None:
+      continue
+    offset = len(batch[0]) + (len(free[0]) if k else 0)
+    axes = []
+    for p in info.axes:
+      if p in contract[k]:
+        raise _Unknown('it sums over the height or width axis with weights, a dense layer over '
+                       'pixels')
+      axes.append(None if p is None else
+                  batch[k].index(p) if p in batch[k] else offset + free[k].index(p))
+    moved.append(info.moved(axes))
+  return [_merge(moved)]
+
+
+def _gather(eqn, ins):
+  """Indexing: exact while the height and width axes are kept whole and in order."""
+  info, shape = _only(ins), eqn.invars[0].aval.shape
+  dnums, sizes = eqn.params['dimension_numbers'], eqn.params['slice_sizes']
+  kept = [d for d in range(len(shape))
+          if d not in dnums.collapsed_slice_dims and d not in dnums.operand_batching_dims]
+  axes = []
+  for p in info.axes:
+    if p is not None and (p in dnums.start_index_map or p not in kept or sizes[p] != shape[p]):
+      raise _Unknown('it picks pixels by index along the height or width axis')
+    axes.append(None if p is None else dnums.offset_dims[kept.index(p)])
+  return [info.moved(axes)]
+
+
+def _broadcast(eqn, ins):
+  info, dims = _only(ins), eqn.params['broadcast_dimensions']
+  shape, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  if any(p is not None and out[dims[p]] != shape[p] for p in info.axes):
+    raise _Unknown('it spreads a 1-pixel map over a larger one')
+  return [info.moved([None if p is None else dims[p] for p in info.axes])]
+
+
+def _reshape(eqn, ins):
+  """Keeps the map when the axes up to width are unchanged; flattens it with everything after."""
+  info, shape, out = _only(ins), eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  tracked = [p for p in info.axes if p is not None]
+  if shape[:max(tracked) + 1] == out[:max(tracked) + 1]:
+    return [info]
+  first = min(tracked)
+  if len(out) != first + 1 or shape[:first] != out[:first]:
+    raise _Unknown('it reshapes the height or width axis other than by flattening the map')
+  for a, p in enumerate(info.axes):
+    if p is not None:
+      info = info.pooled(a, shape[p])
+  # Side by side, the flattened values see different pixels (unless the map was 1x1).
+  return [dataclasses.replace(info, uniform=all(shape[p] == 1 for p in tracked))]
+
+
+def _squeeze(eqn, ins):
+  info, dims = _only(ins), eqn.params['dimensions']
+  for a, p in enumerate(info.axes):
+    if p in dims:
+      info = info.pooled(a, 1)
+  return [info.moved(_without(info.axes, dims))]
+
+
+def _transpose(eqn, ins):
+  info, perm = _only(ins), eqn.params['permutation']
+  axes = [None if p is None else perm.index(p) for p in info.axes]
+  if None not in axes and axes[0] > axes[1]:
+    # Exact in itself, but the table would pair the field of the height with the width.
+    raise _Unknown('it swaps the height and width axes')
+  return [info.moved(axes)]
+
+
+def _rev(eqn, ins):
+  info = _only(ins)
+  if any(p in eqn.params['dimensions'] for p in info.axes if p is not None):
+    raise _Unknown('it flips the height or width axis: neighbouring pixels then step backwards '
+                   'through the image, which one window per axis moving forward with the pixel '
+                   'cannot describe')
+  return [info]
+
+
+def _concatenate(eqn, ins):
+  infos = [i for i in ins if i is not None]
+  if any(eqn.params['dimension'] in i.axes for i in infos):
+    raise _Unknown('it joins maps along the height or width axis, so the pixels of every map '
+                   'after the first sit at shifted positions')
+  return [_merge(infos)]
+
+
+def _split(eqn, ins):
+  info, axis, sizes = _only(ins), eqn.params['axis'], eqn.params['sizes']
+  if axis not in info.axes:
+    return [info] * len(sizes)
+  a = info.axes.index(axis)
+  return [info.shifted(a, int(sum(sizes[:k]))) for k in range(len(sizes))]
+
+
+def _pad(eqn, ins):
+  info = _only(ins)
+  for a, p in enumerate(info.axes):
+    if p is None:
+      continue
+    low, _, interior = eqn.params['padding_config'][p]
+    if interior:
+      raise _Unknown('its interior padding spreads pixels apart')
+    info = info.shifted(a, -low)
+  return [info]
+
+
+def _slice(eqn, ins):
+  info, start = _only(ins), eqn.params['start_indices']
+  strides = eqn.params['strides'] or (1,) * len(start)
+  for a, p in enumerate(info.axes):
+    if p is not None:
+      info = info.shifted(a, start[p], strides[p])
+  return [info]
+
+
+_RULES = {
+    **{name: _elementwise for name in _ELEMENTWISE},
+    **{name: _reduce for name in _REDUCTIONS},
+    **{name: _along_axis for name in _ALONG_AXIS},
+    **{name: _window_ops for name in _WINDOWS},
+    'conv_general_dilated': _conv, 'dot_general': _dot_general, 'gather': _gather,
+    'broadcast_in_dim': _broadcast, 'reshape': _reshape, 'squeeze': _squeeze,
+    'transpose': _transpose, 'rev': _rev, 'concatenate': _concatenate, 'split': _split,
+    'pad': _pad, 'slice': _slice,
+}
+
+
+def _conv_type(module: nn.Conv, in_features: int) -> str:
+  """The project's type of a plain `nn.Conv`: depthwise, pointwise, or a full (grouped) one."""
+  kernel = (module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size
+  if module.feature_group_count == in_features:
+    return 'DepthwiseConv2D'
+  if module.feature_group_count == 1 and all(k == 1 for k in kernel):
+    return 'PointwiseConv2D'
+  return 'Conv2D'
+
+
+def _row_type(module: nn.Module, args, kwargs) -> str | None:
+  """The type of `module`'s row in the table, or None when its call has no row of its own."""
+  if isinstance(module, layers_lib.Layer):
+    return type(module).__name__
+  if isinstance(module, nn.Conv):
+    return _conv_type(module, (*args, *kwargs.values())[0].shape[-1])
+  return next((name for cls, name in _FLAX_ROWS if isinstance(module, cls)), None)
 
 
 def analyze_model(model: nn.Module, input_shape: Sequence[int],
@@ -274,18 +632,26 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
 
   `constraints` (a ConfigDict or mapping with max_params, depthwise_separable_only,
   require_batch_norm, allow_dense) adds one violation string per broken rule. The batch of the
-  trace is one image, so MACs and activation sizes are per image.
+  trace is one image, so MACs and activation sizes are per image. Raises `UserError` when an
+  operation on the map is one whose receptive field the walk cannot follow exactly.
   """
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   variables = _abstract_variables(model, input_shape)
 
   rows: list[dict[str, Any]] = []
   active: list[nn.Module] = []
+  modules: set[str] = set()
   saw_batch_norm = [False]
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or not isinstance(module, layers_lib.Layer):
+    if context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    modules.add('/'.join(module.scope.path))
+    if isinstance(module, nn.BatchNorm):  # The project's BatchNorm wraps one too.
+      saw_batch_norm[0] = True
+    row_type = _row_type(module, args, kwargs)
+    if row_type is None:
       return next_fun(*args, **kwargs)
     outermost = not active
     if outermost and args and isinstance(args[0], jax.Array):
@@ -296,12 +662,10 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
       out = next_fun(*args, **kwargs)
     finally:
       active.pop()
-    if isinstance(module, layers_lib.BatchNorm):
-      saw_batch_norm[0] = True
     if not outermost:
       return out
     index = len(rows)
-    rows.append({'path': tuple(module.scope.path), 'type': type(module).__name__,
+    rows.append({'path': tuple(module.scope.path), 'type': row_type,
                  'shape': list(out.shape[1:]), 'itemsize': out.dtype.itemsize})
     return _tag(out, f'{_MARKER_PREFIX}{index}')
 
@@ -310,7 +674,7 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
       return model.apply(variables, x, train=False)
 
   closed = jax.make_jaxpr(apply)(variables, x)
-  walker = _Walker()
+  walker = _Walker(['/'.join(row['path']) for row in rows], modules, input_shape)
   n_var_leaves = len(jax.tree.leaves(variables))
   in_infos = [None] * n_var_leaves + [_Info((0, 0), (0, 0), (1, 1))]
   walker.run(closed.jaxpr, in_infos, _kernel_leaves(variables) + [False])

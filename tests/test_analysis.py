@@ -1,15 +1,21 @@
 """Receptive fields, jumps, output sizes and constraint checks, computed from the real modules."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
 
 from dsconv_jax import analysis, layers, models
 from dsconv_jax.defaults import get_config
+from dsconv_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +187,8 @@ def test_operations_outside_every_layer_count_only_in_the_total():
     @nn.compact
     def __call__(self, x, train=False):
       x = layers.GlobalAvgPool()(layers.PointwiseConv2D(6, use_bias=False)(x))
-      return nn.Dense(5, use_bias=False)(x)  # A Flax layer, not a dsconv_jax Layer: no row.
+      # A matrix product in the model's own code, in no layer: no row.
+      return x @ self.param('kernel', nn.initializers.zeros, (6, 5))
   report = analysis.analyze_model(Net(), (4, 4, 3))
   assert [l.macs for l in report.layers] == [4 * 4 * 3 * 6, 0]
   assert report.macs_total == 4 * 4 * 3 * 6 + 6 * 5
@@ -246,3 +253,204 @@ def test_receptive_field_many_times_the_image_overshoots():
   over = analysis.receptive_field_advice(
       [analysis.LayerReport('a', 'DepthwiseConv2D', [8, 8, 3], 0, 0, [8, 33], 1)], (8, 8, 3))
   assert over['receptive_field_status'] == 'overshoots'
+
+
+class _Apply(layers.Layer):
+  """A layer that applies `fn` to the map: the operation under test, in a row of its own."""
+  fn: Callable
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return self.fn(x)
+
+
+class _Around(nn.Module):
+  """3x3 depthwise (RF 3), `fn` in an `_Apply` row, 3x3 depthwise, global pooling."""
+  fn: Callable
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = layers.DepthwiseConv2D(3, padding='same', use_bias=False)(x)
+    x = _Apply(self.fn)(x)
+    x = layers.DepthwiseConv2D(3, padding='same', use_bias=False)(x)
+    return layers.GlobalAvgPool()(x)
+
+
+def _same_3x3(x):
+  """A 3x3 'same' depthwise convolution outside any layer (all-ones kernel)."""
+  return jax.lax.conv_general_dilated(x, jnp.ones((3, 3, 1, x.shape[-1])), (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize('primitive, fn, reason', [
+    ('gather', lambda x: x[:, jnp.array([3, 0, 1, 2, 4, 5, 6, 7])],
+     'it picks pixels by index along the height or width axis'),
+    ('transpose', lambda x: jnp.transpose(x, (0, 2, 1, 3)), 'it swaps the height and width axes'),
+    ('concatenate', lambda x: jnp.concatenate([x, x], axis=2),
+     'it joins maps along the height or width axis'),
+    # A flip keeps the field's size, but pixel k then sees what pixel n - 1 - k saw: refused.
+    ('rev', lambda x: x[:, ::-1], 'it flips the height or width axis'),
+    # Squeeze-and-excitation: every pixel also sees the whole map.
+    ('mul', lambda x: x * jnp.mean(x, axis=(1, 2), keepdims=True),
+     'it combines the map with a value pooled over the image'),
+    ('add', lambda x: x[:, :4] + x[:, ::2], 'it combines maps whose neighbouring pixels are 1 and 2'),
+    # A primitive with no rule (a crop at positions known only when it runs).
+    ('dynamic_slice', lambda x: jax.lax.dynamic_slice(x, (0, 1, 1, 0), (1, 4, 4, 3)),
+     'the walk does not know how it moves pixels'),
+], ids=['gather', 'transpose', 'concatenate', 'rev', 'pooled_mul', 'strides_add', 'unknown'])
+def test_operations_the_walk_cannot_follow_stop_it_naming_primitive_and_layer(primitive, fn,
+                                                                               reason):
+  with pytest.raises(UserError) as e:
+    analysis.analyze_model(_Around(fn), (8, 8, 3))
+  message = str(e.value)
+  assert re.fullmatch(f'receptive field unknown for {primitive} in _Apply_0: [^\\n]+', message)
+  assert reason in message
+
+
+def test_refusal_outside_every_row_names_the_flax_module_or_the_model():
+  class Mirror(nn.Module):  # A plain module: no row, its path names it.
+    @nn.compact
+    def __call__(self, x):
+      return x[:, :, ::-1]
+
+  class Net(nn.Module):
+    top: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = layers.DepthwiseConv2D(3, use_bias=False)(x)
+      return jnp.flip(x, 1) if self.top else Mirror()(x)
+  with pytest.raises(UserError, match=r'^receptive field unknown for rev in Mirror_0: it flips'):
+    analysis.analyze_model(Net(), (8, 8, 3))
+  with pytest.raises(UserError, match=r'^receptive field unknown for rev in Net: it flips'):
+    analysis.analyze_model(Net(top=True), (8, 8, 3))
+
+
+@pytest.mark.parametrize('fn, rf', [
+    # Channels only: a gather, a flip, a cumulative sum and a reduction keep the field (3 + 2 = 5).
+    (lambda x: x[..., jnp.array([2, 0, 1])], 5),
+    (lambda x: x[..., ::-1], 5),
+    (lambda x: jnp.cumsum(x, axis=-1), 5),
+    (lambda x: x - jnp.max(x, axis=-1, keepdims=True), 5),
+    # Concatenating along channels sees what either branch sees: 5 (3 + 2), then 5 + 2.
+    (lambda x: jnp.concatenate([x, _same_3x3(x)], axis=-1), 7),
+    # The bottom half starts 4 rows down: pixel 0 sees rows -1..1 and 3..5, then one more each way.
+    (lambda x: jnp.concatenate(jnp.split(x, 2, axis=1), axis=-1), [9, 5]),
+    # NCHW and back, with a 3x3 stride-2 pooling in NCHW: 3 + 2, jump 2, then 5 + 2 * 2.
+    (lambda x: jnp.transpose(jax.lax.reduce_window(
+        jnp.transpose(x, (0, 3, 1, 2)), -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 2, 2), 'SAME'),
+        (0, 2, 3, 1)), 9),
+], ids=['gather_channels', 'rev_channels', 'cumsum_channels', 'reduce_channels',
+        'concatenate_channels', 'split_height', 'nchw_pooling'])
+def test_operations_on_channels_or_moving_axes_keep_an_exact_field(fn, rf):
+  report = analysis.analyze_model(_Around(fn), (8, 8, 3))
+  assert report.layers[2].receptive_field == rf
+
+
+def test_values_of_a_flattened_map_may_be_picked_only_once_mixed():
+  class Net(nn.Module):
+    mix: bool
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = layers.Flatten()(layers.DepthwiseConv2D(3, use_bias=False)(x))
+      # Each of the first 5 flattened values sees one pixel's 3x3 field, not the whole map.
+      return (layers.Dense(8)(x) if self.mix else x)[:, :5]
+  with pytest.raises(UserError, match=r'^receptive field unknown for slice in Net: it may pick'):
+    analysis.analyze_model(Net(mix=False), (6, 6, 3))
+  # Mixed by the dense layer, every value sees the 4x4 map's fields: 3 + 3 = 6 pixels.
+  assert analysis.analyze_model(Net(mix=True), (6, 6, 3)).layers[-1].receptive_field == 6
+
+
+@pytest.mark.parametrize('name', ['model3', 'separable80k', 'dsresnet', 'tiny'])
+def test_both_depthwise_forms_give_the_same_table(name):
+  # The shifted form reaches the walk as slices, products and (with a depth multiplier, DSResNet's
+  # stem) a broadcast and reshape; the grouped form as one convolution.
+  grouped, shifted = (analysis.analyze_model(models.create_model(name, depthwise_impl=impl),
+                                             (32, 32, 3)) for impl in ('grouped', 'shifted'))
+  assert grouped.layers == shifted.layers and grouped.macs_total == shifted.macs_total
+
+
+class _PlainNet(nn.Module):
+  """A depthwise-separable net of plain Flax layers and functions.
+
+  `groups` sets the second 3x3 convolution's feature_group_count (0: depthwise); `dense` ends with
+  nn.Dense after the global mean instead of a 1x1 convolution before it.
+  """
+  groups: int = 0
+  dense: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(6, (3, 3), padding='SAME', feature_group_count=3, use_bias=False)(x)  # x2 depth
+    x = nn.Conv(16, (1, 1), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    x = nn.Conv(16, (3, 3), padding='VALID', feature_group_count=self.groups or 16,
+                use_bias=False)(x)
+    x = nn.Conv(32, (1, 1), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    if self.dense:
+      return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+    return jnp.mean(nn.Conv(10, (1, 1))(x), axis=(1, 2))
+
+
+def test_plain_flax_layers_get_rows_typed_like_the_projects():
+  model = _PlainNet()
+  report = analysis.analyze_model(model, (16, 16, 3), get_config().constraints)
+  rows = [(l.name, l.type, l.output_shape, l.params) for l in report.layers]
+  assert rows == [
+      ('Conv_0', 'DepthwiseConv2D', [16, 16, 6], 3 * 3 * 6),
+      ('Conv_1', 'PointwiseConv2D', [16, 16, 16], 6 * 16),
+      ('BatchNorm_0', 'BatchNorm', [16, 16, 16], 4 * 16),
+      ('Dropout_0', 'Dropout', [8, 8, 16], 0),
+      ('Conv_2', 'DepthwiseConv2D', [6, 6, 16], 3 * 3 * 16),
+      ('Conv_3', 'PointwiseConv2D', [6, 6, 32], 16 * 32),
+      ('BatchNorm_1', 'BatchNorm', [6, 6, 32], 4 * 32),
+      ('Conv_4', 'PointwiseConv2D', [3, 3, 10], 32 * 10 + 10)]
+  # Conv 3x3: 3; pooling 2x2: 4, jump 2; 3x3: 4 + 2 * 2 = 8; average pooling 2x2: 8 + 2, jump 4.
+  assert [l.receptive_field for l in report.layers] == [3, 3, 3, 4, 8, 8, 8, 10]
+  assert [l.jump for l in report.layers] == [1, 1, 1, 2, 2, 2, 2, 4]
+  # Flax's own variables (shapes only: a real init compiles for seconds on a CPU).
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  count = lambda tree: sum(math.prod(v.shape) for v in jax.tree.leaves(tree))
+  assert set(variables) == {'params', 'batch_stats'}
+  assert report.params_total == count(variables) == 1_328
+  assert report.params_trainable == count(variables['params'])
+  assert report.layers[2].params_trainable == 2 * 16
+  assert report.layers[0].macs == 16 * 16 * 6 * 9 and report.layers[1].macs == 16 * 16 * 16 * 6
+  assert report.violations == []
+  assert report.receptive_field_layer == 'Conv_4' and report.output_receptive_field == 10
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_plain_full_or_grouped_3x3_conv_breaks_the_depthwise_separable_rule(groups):
+  report = analysis.analyze_model(_PlainNet(groups=groups), (16, 16, 3), get_config().constraints)
+  assert report.layers[4].name == 'Conv_2' and report.layers[4].type == 'Conv2D'
+  assert [v.partition(' is not')[0] for v in report.violations] == [
+      f'Conv_2: a 3x3 convolution across channels (16 inputs, feature_group_count={groups})']
+
+
+def test_plain_dense_after_the_global_mean_breaks_the_no_dense_rule():
+  report = analysis.analyze_model(_PlainNet(dense=True), (16, 16, 3), get_config().constraints)
+  assert (report.layers[-1].name, report.layers[-1].type) == ('Dense_0', 'Dense')
+  assert len(report.violations) == 1
+  assert report.violations[0].startswith('Dense_0: a dense layer')
+  assert 'constraints.allow_dense' in report.violations[0]
+
+
+def test_model3_on_28x28_names_each_dense_layer_and_how_to_avoid_it():
+  c = get_config().constraints
+  report = analysis.analyze_model(models.create_model('model3'), (28, 28, 3), c)
+  # 28 -> 26 -> 24, pool 12 -> 10 -> 8 -> 6, pool 3 -> 1: the last two 1x1 convolutions.
+  assert [v.partition(':')[0] for v in report.violations] == ['PointwiseConv2D_8',
+                                                                'PointwiseConv2D_9']
+  for v in report.violations:
+    assert 'a 1x1 convolution on a 1x1 map is a dense layer' in v and '(top level)' not in v
+    assert 'with 28x28 images this map is 1x1' in v
+    assert '--config.image_size=32 or more' in v and 'constraints.allow_dense=True' in v
+  # The advice holds: one more jump (4 pixels) gives Model 3 its 2x2 map back.
+  assert analysis.analyze_model(models.create_model('model3'), (32, 32, 3), c).violations == []
