@@ -367,8 +367,9 @@ def test_values_of_a_flattened_map_may_be_picked_only_once_mixed():
 def test_both_depthwise_forms_give_the_same_table(name):
   # The shifted form reaches the walk as slices, products and (with a depth multiplier, DSResNet's
   # stem) a broadcast and reshape; the grouped form as one convolution.
-  grouped, shifted = (analysis.analyze_model(models.create_model(name, depthwise_impl=impl),
-                                             (32, 32, 3)) for impl in ('grouped', 'shifted'))
+  grouped, shifted = (
+      analysis.analyze_model(models.create_model(name, options=layers.Options(depthwise=impl)),
+                             (32, 32, 3)) for impl in ('grouped', 'shifted'))
   assert grouped.layers == shifted.layers and grouped.macs_total == shifted.macs_total
 
 
