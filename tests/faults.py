@@ -67,8 +67,9 @@ def inject(point: str, epoch: int, signum: int = signal.SIGKILL):
     if point == 'checkpoint':
       return callbacks + [fault]  # After Checkpointing started the save.
     if point == 'metrics':
-      # In place of the metrics line: half of it, then the kill.
-      return [fault if c in metrics else c for c in callbacks]
+      # Just before the metrics file: at the fault's epoch, half of the line, then the kill.
+      i = callbacks.index(metrics[0])
+      return callbacks[:i] + [fault] + callbacks[i:]
     return [fault] + callbacks
   return hook
 

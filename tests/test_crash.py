@@ -271,19 +271,22 @@ def test_divergence_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
   assert summary_of(workdir) == before
 
 
-def test_checkpoint_write_errors_are_user_errors(tmp_path, monkeypatch):
+def test_checkpoint_write_errors_name_the_epoch_whose_save_failed(tmp_path, monkeypatch):
   checkpoints = checkpoint_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  checkpoints.save(1, {'w': np.zeros(3)})
+  checkpoints.wait()
 
   def full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, 'No space left on device')
+    raise ValueError('RESOURCE_EXHAUSTED: Failed to write 123 bytes: No space left on device')
 
-  # A failed save, or a background write whose error surfaces when waited for.
-  monkeypatch.setattr(checkpoints.manager, 'save', full_disk)
-  with pytest.raises(UserError, match='cannot save the checkpoint of epoch 1 .*No space left'):
-    checkpoints.save(1, {'w': np.zeros(3)})
+  # A background write of epoch 2 fails; the next save reports it as epoch 2's, not epoch 3's.
+  checkpoints.save(2, {'w': np.ones(3)})
   monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', full_disk)
-  with pytest.raises(UserError, match='No space left on device'):
-    checkpoints.wait()
+  with pytest.raises(UserError, match=r'cannot save the checkpoint of epoch 2 .*\(No space left '
+                     r'on device\); the checkpoint of epoch 1 is intact'):
+    checkpoints.save(3, {'w': np.ones(3)})
+  monkeypatch.undo()
+  checkpoints.close()
 
 
 def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
