@@ -26,8 +26,8 @@ from dsconv_jax.errors import UserError
 from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseConv2D, Dropout,
                                Flatten, GlobalAvgPool, MaxPool2D, Options, PointwiseConv2D,
                                SeparableConv2D)
-# `models.scale_width` as before; it lives in layers so that `sequential` can use it too.
-from dsconv_jax.layers import scale_width  # pylint: disable=unused-import
+# Also `models.scale_width`, as before; it lives in layers so that `sequential` can use it too.
+from dsconv_jax.layers import scale_width
 
 
 class DepthwisePointwiseNet(nn.Module):
