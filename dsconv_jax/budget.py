@@ -56,7 +56,9 @@ def resolve_width(config: ml_collections.ConfigDict, input_shape: Sequence[int],
     raise UserError(
         f'config.fit_params={budget:,} needs a model that declares a width multiplier, and model '
         f'{config.model!r} ({type(model).__name__}) has no width_multiplier field; models that '
-        f'do: {", ".join(_models_with_multiplier())}. Or set config.fit_params=0')
+        f'do: {", ".join(_models_with_multiplier())}, and \'sequential\' (an imported module '
+        'can declare width_multiplier: float = 1.0 and scale its hidden widths with it). Or set '
+        'config.fit_params=0')
   count = lambda k: analysis.count_params(model.clone(width_multiplier=k / GRID), input_shape)
   k, n, n_next = widest_below(count, budget, config.model)
   fitted = config.copy_and_resolve_references()

@@ -9,9 +9,20 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # Model: a name from dsconv_jax.models.MODELS, and keyword overrides for its constructor.
+  # Model: a name from dsconv_jax.models.MODELS; 'sequential', the model of config.layers; or an
+  # import path 'package.module:Class' of any flax.linen.Module (importable from the working
+  # directory, or installed), called as module(images, train=...) and returning logits.
   config.model = 'model3'
+  # Keyword overrides for the model's constructor.
   config.model_kwargs = ml_collections.ConfigDict()
+  # config.model = 'sequential' only: Keras layer calls as strings, e.g.
+  # ['SeparableConv2D(32, 3, padding="same", use_bias=False)', 'BatchNormalization()', ...,
+  #  'Conv2D("num_classes", 1)', 'GlobalAveragePooling2D()'] (grammar: dsconv_jax/sequential.py).
+  config.layers = ()
+  # Momentum and epsilon of every BatchNorm layer (Keras' defaults), for models that declare
+  # bn_momentum / bn_epsilon fields (all built-in ones with BatchNorm, and 'sequential').
+  config.bn_momentum = 0.99
+  config.bn_epsilon = 1e-3
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm

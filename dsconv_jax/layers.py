@@ -44,11 +44,23 @@ zeros = nn.initializers.zeros
 
 DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted')
 DROPOUT_IMPLS = ('hash', 'threefry')
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+# Activation names (Keras' spelling) -> functions: `Activation`'s choices.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'relu': nn.relu, 'relu6': nn.relu6, 'gelu': nn.gelu, 'silu': nn.silu, 'swish': nn.silu,
     'hard_swish': nn.hard_swish, 'tanh': jnp.tanh, 'sigmoid': nn.sigmoid, 'linear': lambda x: x,
     'softmax': nn.softmax,
 }
+
+
+def scale_width(width: int, multiplier: float) -> int:
+  """A hidden width times a model's `width_multiplier`: rounded, at least 1.
+
+  A model family that declares a `width_multiplier: float = 1.0` field and scales every hidden
+  width (never `num_classes`) with this can be fitted to a parameter budget
+  (`config.fit_params`, `dsconv_jax.budget`). Also `dsconv_jax.models.scale_width`; it lives
+  here so that both the built-in models and `dsconv_jax.sequential` can use it.
+  """
+  return max(1, int(round(width * multiplier)))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -320,9 +332,9 @@ class Activation(Layer):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    if self.function not in _ACTIVATIONS:
-      raise ValueError(f'unknown activation {self.function!r}; known: {sorted(_ACTIVATIONS)}')
-    return _ACTIVATIONS[self.function](x)
+    if self.function not in ACTIVATIONS:
+      raise ValueError(f'unknown activation {self.function!r}; known: {sorted(ACTIVATIONS)}')
+    return ACTIVATIONS[self.function](x)
 
 
 class MaxPool2D(Layer):
@@ -339,6 +351,23 @@ class MaxPool2D(Layer):
     if strides == window and padding == 'VALID':
       return tiled_max_pool(x, window)
     return nn.max_pool(x, window, strides, padding=padding)
+
+
+class AvgPool2D(Layer):
+  """Keras `AveragePooling2D` (strides default to the pool size, padding 'valid').
+
+  With padding 'same' the padded pixels are left out of each average, as in Keras (TensorFlow's
+  `avg_pool`), not counted as zeros.
+  """
+  pool_size: int | Sequence[int] = 2
+  strides: int | Sequence[int] | None = None
+  padding: str = 'valid'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    window = _pair(self.pool_size)
+    strides = window if self.strides is None else _pair(self.strides)
+    return nn.avg_pool(x, window, strides, padding=_padding(self.padding), count_include_pad=False)
 
 
 class GlobalAvgPool(Layer):

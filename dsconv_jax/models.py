@@ -1,32 +1,33 @@
-"""The models of the source studies, built from `dsconv_jax.layers`, chosen by name.
+"""The models of the source studies, built from `dsconv_jax.layers`, and `build_model`.
 
 Parameter counts are the Keras counts (BatchNorm moving statistics included as non-trainable);
 `tests/test_models.py` checks each against the number its source printed.
+
+`config.model` takes three forms (`build_model`): a name from `MODELS`; 'sequential', a model
+written in the config file as Keras layer calls (`config.layers`, `dsconv_jax.sequential`); or an
+import path 'package.module:Class' naming any `flax.linen.Module` (importable from the working
+directory, or installed), called as `module(images, train=...)` and returning logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
+import os
+import sys
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 
+from dsconv_jax import sequential
 from dsconv_jax.errors import UserError
 from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseConv2D, Dropout,
                                Flatten, GlobalAvgPool, MaxPool2D, Options, PointwiseConv2D,
                                SeparableConv2D)
-
-
-def scale_width(width: int, multiplier: float) -> int:
-  """A hidden width times a model's `width_multiplier`: rounded, at least 1.
-
-  A model family that declares a `width_multiplier: float = 1.0` field and scales every hidden
-  width (never `num_classes`) with this can be fitted to a parameter budget
-  (`config.fit_params`, `dsconv_jax.budget`).
-  """
-  return max(1, int(round(width * multiplier)))
+# Also `models.scale_width`, as before; it lives in layers so that `sequential` can use it too.
+from dsconv_jax.layers import scale_width
 
 
 class DepthwisePointwiseNet(nn.Module):
@@ -37,11 +38,14 @@ class DepthwisePointwiseNet(nn.Module):
   block pads 'same', the others 'valid'. Output sizes 32, 30, 28, pool 14, 12, 10, 8, pool 4, 2.
   `dropout_rates` are the rates of the three stages (Model 3: 0.1, 0.2, 0.25).
   `width_multiplier` scales every hidden width (`scale_width`); 1.0 is the source network.
+  `bn_momentum`, `bn_epsilon`: every BatchNorm's (Keras' defaults; `config.bn_momentum`, ...).
   """
   num_classes: int = 10
   dropout_rates: Sequence[float] = (0.1, 0.2, 0.25)
   options: Options = Options()
   width_multiplier: float = 1.0
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -52,7 +56,8 @@ class DepthwisePointwiseNet(nn.Module):
       x = DepthwiseConv2D(3, padding=padding, use_bias=False, options=self.options)(x, train)
       x = PointwiseConv2D(features, use_bias=False)(x, train)
       x = Activation('relu')(x, train)
-      x = BatchNorm(options=self.options)(x, train)
+      x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                    options=self.options)(x, train)
       return Dropout(rate, options=self.options)(x, train)
 
     x = block(x, w32, d1, padding='same')
@@ -76,12 +81,15 @@ class Separable80k(nn.Module):
   80,203 parameters (78,891 trainable). Widths 32-48-96, pool, 128-160, pool, 192 (valid),
   num_classes (valid); the last separable convolution has no BN or activation.
   `width_multiplier` scales every hidden width (`scale_width`); 1.0 is the source network.
+  `bn_momentum`, `bn_epsilon`: every BatchNorm's (Keras' defaults; `config.bn_momentum`, ...).
   """
   num_classes: int = 10
   widths: Sequence[int] = (32, 48, 96, 128, 160, 192)
   dropout_rate: float = 0.07
   options: Options = Options()
   width_multiplier: float = 1.0
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -91,7 +99,8 @@ class Separable80k(nn.Module):
       x = SeparableConv2D(features, 3, padding=padding, use_bias=False,
                           options=self.options)(x, train)
       x = Dropout(self.dropout_rate, options=self.options)(x, train)
-      x = BatchNorm(options=self.options)(x, train)
+      x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                    options=self.options)(x, train)
       return Activation('relu')(x, train)
 
     x = block(x, w[0])
@@ -133,8 +142,10 @@ class DSResNet(nn.Module):
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
-  # settles in tens of steps and is as good over 50 epochs.
+  # settles in tens of steps and is as good over 50 epochs. `build_model` sets both from
+  # config.bn_momentum and config.bn_epsilon (configs/dsresnet.py: 0.9).
   bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-3
   options: Options = Options()
   width_multiplier: float = 1.0
 
@@ -148,7 +159,8 @@ class DSResNet(nn.Module):
       return PointwiseConv2D(features, use_bias=False)(x, train)
 
     def bn(x):
-      return BatchNorm(momentum=self.bn_momentum, options=self.options)(x, train)
+      return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                       options=self.options)(x, train)
 
     def residual_block(x, features):
       y = Activation('relu')(bn(ds_conv(x, features)), train)
@@ -201,13 +213,16 @@ class TinyNet(nn.Module):
   width: int = 8
   dropout_rate: float = 0.1
   options: Options = Options()
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = DepthwiseConv2D(3, padding='same', use_bias=False, options=self.options)(x, train)
     x = PointwiseConv2D(self.width, use_bias=False)(x, train)
     x = Activation('relu')(x, train)
-    x = BatchNorm(options=self.options)(x, train)
+    x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                  options=self.options)(x, train)
     x = Dropout(self.dropout_rate, options=self.options)(x, train)
     x = MaxPool2D(2)(x, train)
     x = SeparableConv2D(self.num_classes, 3, padding='valid', use_bias=False,
@@ -228,12 +243,67 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-  """Builds model `name` with keyword overrides (e.g. num_classes, options)."""
-  if name not in MODELS:
-    raise UserError(f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}')
+SEQUENTIAL = 'sequential'  # config.model for a model written as config.layers.
+
+
+def model_constructor(name: str) -> Callable[..., nn.Module]:
+  """The constructor behind a `config.model` value: a built-in model, `sequential.Sequential`,
+  or the `flax.linen.Module` class of an import path 'package.module:Class'."""
+  if name in MODELS:
+    return MODELS[name]
+  if name == SEQUENTIAL:
+    return sequential.Sequential
+  if isinstance(name, str) and ':' in name:
+    return import_model_class(name)
+  raise UserError(f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}; or '
+                  f"'{SEQUENTIAL}' with config.layers, or an import path 'package.module:Class' "
+                  'of a flax.linen.Module')
+
+
+def import_model_class(path: str) -> type[nn.Module]:
+  """The `flax.linen.Module` class named by 'package.module:Class' (UserError if it is not one).
+
+  The module is imported as Python would from the working directory (which is put on `sys.path`
+  when missing: an entry point run as a console script does not have it) or from the installed
+  packages.
+  """
+  module_name, _, attr = path.partition(':')
+  parts = module_name.split('.') + attr.split('.')
+  if not all(p.isidentifier() for p in parts):
+    raise UserError(f"config.model={path!r} is not an import path 'package.module:Class' (nor a "
+                    f'built-in model: {", ".join(sorted(MODELS))}, or \'{SEQUENTIAL}\')')
+  cwd = os.getcwd()
+  if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+    sys.path.append(cwd)
   try:
-    return MODELS[name](**kwargs)
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name and (module_name == e.name or module_name.startswith(e.name + '.')):
+      raise UserError(f'config.model={path!r}: no module named {e.name!r} in the working '
+                      f'directory ({cwd}) or the installed packages') from None
+    raise UserError(f'config.model={path!r}: importing {module_name!r} failed: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    # The module's own code failed (a syntax error, an exception at import): the user's to fix.
+    detail = (str(e).strip().splitlines() or [''])[0]
+    raise UserError(f'config.model={path!r}: importing {module_name!r} failed: '
+                    f'{type(e).__name__}: {detail}') from None
+  obj: Any = module
+  for part in attr.split('.'):
+    if not hasattr(obj, part):
+      where = getattr(module, '__file__', None) or module_name
+      raise UserError(f'config.model={path!r}: module {module_name!r} ({where}) has no {attr!r}')
+    obj = getattr(obj, part)
+  if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+    raise UserError(f'config.model={path!r} names {type(obj).__name__} {obj!r}, not a '
+                    'flax.linen.Module class')
+  return obj
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+  """Builds model `name` (any `config.model` form) with keyword overrides (num_classes, ...)."""
+  make = model_constructor(name)
+  try:
+    return make(**kwargs)
   except TypeError as e:
     raise UserError(f'bad model_kwargs for model {name!r}: {e}') from None
 
@@ -254,14 +324,44 @@ def options_from_config(config) -> Options:
     raise UserError(f'config.{e}') from None
 
 
+def batch_norm_from_config(config) -> dict[str, float]:
+  """{'bn_momentum': ..., 'bn_epsilon': ...} from the config (the keys it has), checked."""
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  out = {}
+  momentum, epsilon = config.get('bn_momentum', None), config.get('bn_epsilon', None)
+  if momentum is not None:
+    if not number(momentum) or not 0 <= momentum <= 1:
+      raise UserError(f'config.bn_momentum must be a number in [0, 1], got {momentum!r}')
+    out['bn_momentum'] = float(momentum)
+  if epsilon is not None:
+    if not number(epsilon) or not epsilon > 0:
+      raise UserError(f'config.bn_epsilon must be a positive number, got {epsilon!r}')
+    out['bn_epsilon'] = float(epsilon)
+  return out
+
+
 def build_model(config, num_classes: int) -> nn.Module:
   """The model of `config`: `config.model` built with `config.model_kwargs` for `num_classes`.
 
-  The implementation options go only to models that declare an `options` field (and never
-  replace one given in model_kwargs).
+  `config.model` is a built-in name (`MODELS`), 'sequential' (the model of `config.layers`,
+  `dsconv_jax.sequential`), or an import path 'package.module:Class' of a `flax.linen.Module`.
+  Each of `num_classes`, the implementation `options` (config.depthwise_impl, dropout_impl) and
+  `bn_momentum`/`bn_epsilon` (config.bn_momentum, bn_epsilon) goes only to a model that declares
+  that field, and never replaces a value given in model_kwargs; `width_multiplier` comes only
+  from model_kwargs (where `config.fit_params` puts it, `dsconv_jax.budget`).
   """
+  name = config.model
+  make = model_constructor(name)
   kwargs = dict(config.get('model_kwargs', {}) or {})
-  kwargs.setdefault('num_classes', num_classes)
-  if config.model in MODELS and declares(MODELS[config.model], 'options'):
-    kwargs.setdefault('options', options_from_config(config))
-  return create_model(config.model, **kwargs)
+  layers = config.get('layers', None)
+  if name == SEQUENTIAL:
+    kwargs.setdefault('layers', sequential.parse_layers(layers))
+  elif layers:
+    raise UserError(f"config.layers is only read by config.model = '{SEQUENTIAL}'; config.model "
+                    f'is {name!r} (set config.layers = () or config.model = \'{SEQUENTIAL}\')')
+  provided = {'num_classes': lambda: num_classes, 'options': lambda: options_from_config(config),
+              **{k: (lambda v=v: v) for k, v in batch_norm_from_config(config).items()}}
+  for field, value in provided.items():
+    if field not in kwargs and declares(make, field):
+      kwargs[field] = value()
+  return create_model(name, **kwargs)

