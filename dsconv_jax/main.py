@@ -3,6 +3,13 @@
 Running the same command again on the same DIR resumes from the newest checkpoint.
 """
 
+# Before any other import: a SIGINT or SIGTERM during start-up (imports, JAX's initialisation, the
+# data, the first compile) waits for a safe point instead of interrupting a compiled extension.
+from dsconv_jax import stopping  # pylint: disable=g-bad-import-order
+if __name__ == '__main__':
+  stopping.defer_signals()
+
+
 from absl import flags
 
 from dsconv_jax import cli

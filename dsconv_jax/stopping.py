@@ -1,10 +1,17 @@
-"""Clean stops on SIGTERM and SIGINT: finish the epoch, save it, then exit 128 + signal number.
+"""Clean stops on SIGTERM and SIGINT, at any moment: at the next safe point, never mid-call.
 
-A preempted or Ctrl-C'd run should lose nothing. Inside `StopOnSignals`, the first SIGTERM or SIGINT
-only sets a flag; the epoch loop checks it once the epoch's checkpoint is saved and raises
-`errors.Stopped`, which the command line reports as "stopped by SIGTERM after saving epoch E; run
-the same command to resume" with exit status 128 + the signal number. A second signal stops at
-once, as if the handlers were not there. The previous handlers are restored on leaving.
+A preempted or Ctrl-C'd run should lose nothing and never crash. Python's own SIGINT handling
+raises KeyboardInterrupt wherever the main thread is, inside an import of a compiled extension or
+while XLA compiles, which ended in tracebacks and segmentation faults (issue: Ctrl-C during the
+first compile crashed 2 of 4 times). So the handlers here only record the signal. `train` checks
+it at safe points (after loading the data, after building and compiling, after each epoch's
+checkpoint is saved) and raises `errors.Stopped`, which the command line reports as "stopped by
+SIGTERM ...; run the same command to resume" with exit status 128 + the signal number. A second
+signal ends the process at once (`os._exit`, as a kill would; runs survive kills).
+
+Entry points call `defer_signals()` before any other import, so that start-up is covered too; the
+handlers then stay for the process. Used as a library, `train_and_evaluate` installs them for the
+duration of the run (`StopOnSignals` as a context) and restores the previous ones afterwards.
 """
 
 from __future__ import annotations
@@ -18,15 +25,23 @@ from dsconv_jax.errors import Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+_process_wide: StopOnSignals | None = None
+
 
 class StopOnSignals:
-  """A context within which SIGTERM and SIGINT ask for a stop at the next safe point."""
+  """A context within which SIGTERM and SIGINT ask for a stop at the next safe point.
+
+  Entering it while `defer_signals` holds the process-wide handlers returns that one (which
+  may already have recorded a signal) and leaves it in place on exit.
+  """
 
   def __init__(self):
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> StopOnSignals:
+    if _process_wide is not None and _process_wide is not self:
+      return _process_wide
     # Python only lets the main thread install handlers; elsewhere signals keep their behaviour.
     if threading.current_thread() is threading.main_thread():
       for signum in SIGNALS:
@@ -34,6 +49,8 @@ class StopOnSignals:
     return self
 
   def __exit__(self, *exc_info) -> None:
+    if self is _process_wide:
+      return
     for signum, handler in self._previous.items():
       signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     self._previous.clear()
@@ -48,15 +65,38 @@ class StopOnSignals:
     return Stopped(f'stopped by {name} after saving epoch {epoch}; run the same command to '
                    'resume', self.signum)
 
+  def stopped_before(self, epoch: int) -> Stopped:
+    """The exception to raise when the signal came before epoch `epoch` started."""
+    name = signal.Signals(self.signum).name
+    kept = f'the checkpoint of epoch {epoch - 1} is kept' if epoch > 1 else 'nothing was trained'
+    return Stopped(f'stopped by {name} before epoch {epoch} started ({kept}); run the same '
+                   'command to resume', self.signum)
+
+  def check(self, epoch: int) -> None:
+    """Raises `stopped_before(epoch)` when a signal has come."""
+    if self.requested:
+      raise self.stopped_before(epoch)
+
   def _handle(self, signum: int, frame) -> None:
     del frame
     name = signal.Signals(signum).name
     if self.signum is not None:
-      previous = self._previous.get(signum)
-      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-      signal.raise_signal(signum)
-      return
+      os.write(2, f'received {name} again: stopping now\n'.encode())
+      os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
-    # os.write, not print: a handler may run while the main thread is inside a print.
-    os.write(2, f'received {name}: stopping once the current epoch is saved (send {name} again '
-                'to stop at once)\n'.encode())
+    # os.write, not print: a handler may run while the main thread is inside a print. On a
+    # terminal, the line first clears the transient progress line, so the notice stands alone.
+    clear = '\r\x1b[K' if os.isatty(1) and os.isatty(2) else ''
+    os.write(2, f'{clear}received {name}: stopping at the next safe point (after the current epoch '
+                f'is saved, or before training starts); send {name} again to stop at '
+                'once\n'.encode())
+
+
+def defer_signals() -> StopOnSignals:
+  """Installs the process-wide handlers (idempotent); command-line entry points only."""
+  global _process_wide
+  if _process_wide is None:
+    handlers = StopOnSignals()
+    handlers.__enter__()
+    _process_wide = handlers
+  return _process_wide

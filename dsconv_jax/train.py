@@ -77,20 +77,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   experiment_lib.validate_config(config)
   is_writer = jax.process_index() == 0
   created = not os.path.exists(workdir)
-  try:
-    run = _start(config, workdir, quiet, show_model, is_writer)
-  except BaseException:
-    if created and is_writer:
-      # A run that failed to start leaves no workdir behind (nothing in it was trained).
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
-  exp, state, start_epoch, history, callbacks, compiled_epoch, compile_seconds, val_arrays = run
-  if callbacks_hook is not None:
-    callbacks = list(callbacks_hook(callbacks))
-  config = exp.config
-
-  try:
-    with stopping.StopOnSignals() as stop:
+  with stopping.StopOnSignals() as stop:
+    try:
+      run = _start(config, workdir, quiet, show_model, is_writer, stop)
+    except BaseException:
+      if created and is_writer:
+        # A run that failed to start leaves no workdir behind (nothing in it was trained).
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    exp, state, start_epoch, history, callbacks, compiled_epoch, compile_seconds, val_arrays = run
+    if callbacks_hook is not None:
+      callbacks = list(callbacks_hook(callbacks))
+    config = exp.config
+    try:
+      stop.check(start_epoch + 1)
       for epoch in range(start_epoch + 1, config.num_epochs + 1):
         for callback in callbacks:
           callback.on_epoch_start(epoch)
@@ -100,10 +100,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
           callback.on_epoch_end(epoch, row, state)
         if stop.requested and epoch < config.num_epochs:
           raise stop.stopped(epoch)
-  except BaseException as e:
-    callbacks_lib.close_all(callbacks, e)
-    raise
-  callbacks_lib.close_all(callbacks, None)
+    except BaseException as e:
+      callbacks_lib.close_all(callbacks, e)
+      raise
+    callbacks_lib.close_all(callbacks, None)
 
   summary = _summarize(exp, state, history, compile_seconds)
   if is_writer:
@@ -111,20 +111,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   return summary
 
 
-def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool):
+def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
+           stop: stopping.StopOnSignals):
   """Everything before the first epoch: the experiment, the restored state, the callbacks, the
-  compiled epoch and the validation split on the devices."""
+  compiled epoch and the validation split on the devices. A signal stops it between phases."""
   _prepare_workdir(workdir)
   data = experiment_lib.load_data(config)
+  stop.check(1)
   exp = experiment_lib.create_experiment(
       config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer))
   config = exp.config
+  stop.check(1)
 
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)
   callbacks = [callbacks_lib.Checkpointing(checkpoints)]
   try:
     start_epoch, state = _restore(checkpoints, exp.state, config, workdir, is_writer)
+    stop.check(start_epoch + 1)
     if is_writer and show_model and not quiet and start_epoch < config.num_epochs:
       print(_model_table(exp.description, data), flush=True)
     metrics_path = os.path.join(workdir, 'metrics.jsonl')

@@ -196,6 +196,29 @@ def test_sigterm_and_sigint_stop_after_saving_and_the_run_resumes(tmp_path, refe
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.parametrize('signame', ['SIGINT', 'SIGTERM'])
+def test_a_signal_at_any_moment_stops_cleanly(tmp_path, folder, cli_env, signame):
+  """Start-up (imports, JAX), data decoding, the first compile, epochs: always a clean stop."""
+  signum = getattr(signal, signame)
+  for delay in (0.3, 1.0, 2.0, 3.5, 5.0, 8.0):
+    workdir = str(tmp_path / f'run-{delay}')
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'dsconv_jax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', f'--config.dataset=folder:{folder}', '--config.num_epochs=500',
+         '--config.train_examples=0', '--config.eval_examples=0'],
+        cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+      process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+      process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, (delay, err[-3000:])
+    assert 'Traceback' not in err and 'Fatal' not in err, (delay, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith(f'stopped by {signame} '), (delay, err)
+    if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      metrics_rows(workdir)  # Whole lines only.
+
+
 @contextlib.contextmanager
 def small_filesystem(path, size_kb):
   """A real tmpfs of `size_kb` mounted at `path` (root only); yields a function that grows it,
