@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   # bn_momentum / bn_epsilon fields (all built-in ones with BatchNorm, and 'sequential').
   config.bn_momentum = 0.99
   config.bn_epsilon = 1e-3
+  # Before each evaluation, recompute BatchNorm's statistics as the mean of this many training
+  # batches' own statistics, for the weights evaluated (PreciseBN; the EMA weights when
+  # ema_decay > 0); training keeps its moving averages. 0 = off (the source recipes: Keras).
+  config.bn_recalibrate_batches = 0
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm

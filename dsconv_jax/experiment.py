@@ -49,6 +49,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # Optimizer and schedule values (names, signs): building them is cheap and checks each, so a
   # typo fails here rather than after the dataset is decoded.
   optim.create_optimizer(config, optim.create_schedule(config, 1))
+  recalibrate = config.get('bn_recalibrate_batches', 0)
+  if not isinstance(recalibrate, int) or isinstance(recalibrate, bool) or recalibrate < 0:
+    raise UserError('config.bn_recalibrate_batches must be an integer >= 0 (0 = off), got '
+                    f'{recalibrate!r}')
   ema_decay = ema_decay_of(config)
   if not 0.0 <= ema_decay < 1.0:
     raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
@@ -137,6 +141,8 @@ class Experiment:
   eval_batch_size: int
   evaluate: Callable  # jitted (state, images, labels, mask) -> {'loss', 'accuracy'}
   evaluate_tta_flip: Callable  # The same with the mirror-averaged logits.
+  # jitted (state, images, epoch) -> state with recalibrated BatchNorm statistics, or None.
+  recalibrate: Callable | None = None
 
   @property
   def model(self) -> nn.Module:
@@ -146,6 +152,12 @@ class Experiment:
     """(images, labels, mask) of `split` on the devices, padded for `evaluate`."""
     return tuple(steps.put_sharded_rows(self.mesh, a)
                  for a in steps.padded_split(split, self.eval_batch_size))
+
+  def eval_state(self, state: steps.TrainState, epoch: int) -> steps.TrainState:
+    """The state to evaluate after epoch `epoch`: with PreciseBN statistics when configured."""
+    if self.recalibrate is None:
+      return state
+    return self.recalibrate(state, self.train_images, np.int32(epoch))
 
   def compile_epoch(self, state: steps.TrainState) -> tuple[Callable, float]:
     """The compiled epoch for `state`'s layout, and the seconds compiling took."""
@@ -207,6 +219,15 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
       mesh, batch_size=eval_batch_size,
       step_fn=functools.partial(steps.eval_step, mean=mean_d, std=std_d, tta_flip=tta_flip,
                                 compute_dtype=config.get('compute_dtype', 'float32')))
+  recalibrate_batches = min(int(config.get('bn_recalibrate_batches', 0) or 0), steps_per_epoch)
+  recalibrate = None
+  if recalibrate_batches:
+    recalibrate = steps.make_recalibrate(
+        mesh, num_batches=recalibrate_batches, batch_size=config.batch_size,
+        num_examples=len(data.train.labels), seed_key=seed_key,
+        stats_fn=functools.partial(steps.batch_statistics, mean=mean_d, std=std_d,
+                                   augment=augment_lib.parse(config.augment),
+                                   compute_dtype=config.get('compute_dtype', 'float32')))
   return Experiment(
       config=config, data=data, description=description, mesh=mesh, seed_key=seed_key,
       mean=mean, std=std, steps_per_epoch=steps_per_epoch,
@@ -214,4 +235,4 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
       train_images=steps.put_sharded_rows(mesh, steps.pad_rows(data.train.images, n_dev)),
       train_labels=steps.put_sharded_rows(mesh, steps.pad_rows(data.train.labels, n_dev)),
       train_epoch=train_epoch, eval_batch_size=eval_batch_size, evaluate=make_evaluate(False),
-      evaluate_tta_flip=make_evaluate(True))
+      evaluate_tta_flip=make_evaluate(True), recalibrate=recalibrate)

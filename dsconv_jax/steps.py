@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import optax
 from dsconv_jax import augment as augment_lib
 
 # Streams of randomness folded from the seed: one purpose each.
-INIT, PERMUTATION, STEP = 0, 1, 2
+INIT, PERMUTATION, STEP, RECALIBRATE = 0, 1, 2, 3
 # config.compute_dtype values: the dtype of activations (parameters stay float32).
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
@@ -148,6 +149,76 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
   loss = cross_entropy_loss(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+
+
+def _exact_batch_statistics(next_fun, args, kwargs, context):
+  """A method interceptor under which each training-mode `nn.BatchNorm` stores its batch's own
+  statistics in `batch_stats` (instead of moving its average towards them).
+
+  Flax writes m * old + (1 - m) * batch; with old set to 0 first, dividing by (1 - m) leaves the
+  batch's mean and (biased) variance exactly, whatever each layer's momentum m.
+  """
+  module = context.module
+  training = (isinstance(module, nn.BatchNorm) and context.method_name == '__call__'
+              and not kwargs.get('use_running_average', module.use_running_average))
+  if not training or module.is_initializing():
+    return next_fun(*args, **kwargs)
+  for name in ('mean', 'var'):
+    module.put_variable('batch_stats', name,
+                        jnp.zeros_like(module.get_variable('batch_stats', name)))
+  y = next_fun(*args, **kwargs)
+  for name in ('mean', 'var'):
+    module.put_variable('batch_stats', name,
+                        module.get_variable('batch_stats', name) / (1.0 - module.momentum))
+  return y
+
+
+def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, mean: jax.Array,
+                     std: jax.Array, augment: tuple[str, ...] = (),
+                     compute_dtype: str = 'float32') -> Any:
+  """Every BatchNorm layer's statistics of one batch, for the weights `eval_step` evaluates.
+
+  The batch goes through the network in training mode (dropout and augmentation as in
+  training), with the EMA weights when the state has them.
+  """
+  params = state.params if state.ema_params is None else state.ema_params
+  x = preprocess(images, mean, std)
+  if augment:
+    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
+  with nn.intercept_methods(_exact_batch_statistics):
+    _, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                x.astype(compute_dtype), train=True,
+                                rngs={'dropout': jax.random.fold_in(key, 1)},
+                                mutable=['batch_stats'])
+  return updates['batch_stats']
+
+
+def make_recalibrate(mesh, *, num_batches: int, batch_size: int, num_examples: int,
+                     seed_key: jax.Array, stats_fn: Callable) -> Callable:
+  """A jitted (state, images, epoch) -> state whose BatchNorm statistics are recomputed.
+
+  PreciseBN (Wu and Johnson, 2021; facebookresearch/pycls): the mean over `num_batches` seeded
+  training batches of each batch's statistics, for the weights evaluated, in place of the moving
+  averages, which lag behind the weights (and belong to the live weights, not their EMA). Only
+  evaluation uses the result; training keeps its own moving averages.
+  """
+  batch_sharding = NamedSharding(mesh, P('batch'))
+
+  def recalibrate(state, images, epoch):
+    key = jax.random.fold_in(jax.random.fold_in(seed_key, RECALIBRATE), epoch)
+    perm = jax.random.permutation(key, num_examples)[:num_batches * batch_size]
+
+    def body(total, i):
+      idx = jax.lax.dynamic_slice_in_dim(perm, i * batch_size, batch_size)
+      x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
+      stats = stats_fn(state, x, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, total, stats), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.batch_stats)
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(num_batches))
+    return state.replace(batch_stats=jax.tree.map(lambda t: t / num_batches, total))
+
+  return jax.jit(recalibrate)
 
 
 def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, num_examples: int,

@@ -193,8 +193,9 @@ def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str |
   return (f'warning: BatchNorm momentum {momentum} over {steps_per_epoch} steps per epoch leaves '
           f'{100 * share:.0f}% of the initial moving statistics in place at the first evaluation '
           f'(about {needed} steps are needed to forget them), so validation accuracy will read '
-          'near chance until then; use --config.bn_momentum=0.9, more training data or a '
-          'smaller batch')
+          'near chance until then; use --config.bn_momentum=0.9, more training data, a smaller '
+          'batch, or --config.bn_recalibrate_batches=20 (statistics recomputed before each '
+          'evaluation)')
 
 
 def _model_table(description: experiment_lib.ModelDescription, data: experiment_lib.Data) -> str:
@@ -233,7 +234,8 @@ def _train_epoch(exp: experiment_lib.Experiment, compiled_epoch, state, epoch: i
     bad = int(np.argmin(np.isfinite(losses)))
     raise UserError(f'training diverged: the loss is {losses[bad]} at epoch {epoch}, step '
                     f'{bad + 1}; {kept}. Lower config.learning_rate')
-  val = {k: float(steps.host_value(v)) for k, v in exp.evaluate(state, *val_arrays).items()}
+  val = {k: float(steps.host_value(v))
+         for k, v in exp.evaluate(exp.eval_state(state, epoch), *val_arrays).items()}
   if not np.isfinite(val['loss']):
     # The last step's update can break the weights without a bad training loss.
     raise UserError(f'training diverged: the validation loss is {val["loss"]} after epoch '
@@ -257,6 +259,7 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
   """summary.json's contents: the final test accuracy (and TTA), the run's figures, the config."""
   config, data, report = exp.config, exp.data, exp.description.report
   test = data.dataset.test
+  state = exp.eval_state(state, history[-1]['epoch'])  # What each epoch's validation evaluated.
   if not config.eval_examples:
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:

@@ -2,18 +2,20 @@
 AdamW / Nesterov SGD, weight decay that skips BatchNorm parameters and biases, label smoothing,
 an EMA of the weights used for evaluation, and test-time flip averaging."""
 
+import functools
 import json
 import math
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import analysis, budget, experiment, models, optim, steps, train
+from dsconv_jax import analysis, budget, experiment, layers, models, optim, steps, train
 from dsconv_jax.defaults import get_config, get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -330,3 +332,83 @@ def test_dsresnet_width_multiplier_fits_a_budget():
   fitted, info = budget.resolve_width(config, (32, 32, 3), 10)
   assert info['params_total'] < 100_000 <= info['next_params_total']
   assert fitted.model_kwargs.width_multiplier == info['width_multiplier'] >= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# PreciseBN: BatchNorm statistics recomputed for the weights evaluated.
+
+
+class _NormFirst(nn.Module):
+  """BatchNorm straight on the preprocessed images, then a pointwise conv: the statistics of the
+  first layer are the images' own, checkable with numpy."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = layers.BatchNorm(momentum=0.99)(x, train)
+    x = layers.PointwiseConv2D(self.num_classes)(x, train)
+    x = layers.BatchNorm(momentum=0.9)(x, train)
+    return layers.GlobalAvgPool()(x, train)
+
+
+def _norm_first_state(ema=False):
+  state = steps.create_train_state(_NormFirst(), jax.random.key(0), (8, 8, 3), optax.sgd(0.1),
+                                   ema=ema)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8))
+  return state, images
+
+
+def test_batch_statistics_are_each_batchs_own_whatever_the_momentum():
+  state, images = _norm_first_state()
+  mean, std = jnp.zeros(3), jnp.full(3, 255.0)
+  stats = steps.batch_statistics(state, images, jax.random.key(1), mean=mean, std=std)
+  x = np.asarray(images, np.float64) / 255.0
+  np.testing.assert_allclose(stats['BatchNorm_0']['bn']['mean'], x.mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(stats['BatchNorm_0']['bn']['var'], x.var((0, 1, 2)), rtol=1e-4)
+  # The second layer (momentum 0.9) sees the first one's output: its statistics too are exact.
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  _, inter = state.apply_fn(variables, steps.preprocess(images, mean, std), train=True,
+                            mutable=['batch_stats', 'intermediates'],
+                            capture_intermediates=lambda m, _: isinstance(
+                                m, layers.PointwiseConv2D))
+  y = np.asarray(inter['intermediates']['PointwiseConv2D_0']['__call__'][0], np.float64)
+  np.testing.assert_allclose(stats['BatchNorm_1']['bn']['mean'], y.mean((0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_recalibration_averages_batches_and_uses_the_evaluated_ema_weights():
+  state, images = _norm_first_state(ema=True)
+  mean, std = jnp.zeros(3), jnp.full(3, 255.0)
+  ema = jax.tree.map(lambda p: 2.0 * p + 0.5, state.params)
+  state = state.replace(ema_params=ema)
+  stats_fn = functools.partial(steps.batch_statistics, mean=mean, std=std)
+  mesh = steps.create_mesh(jax.devices()[:1])
+  one_batch = steps.make_recalibrate(mesh, num_batches=1, batch_size=12, num_examples=12,
+                                     seed_key=jax.random.key(0), stats_fn=stats_fn)
+  got = one_batch(state, images, np.int32(1)).batch_stats
+  # The EMA weights' statistics (the second layer follows the EMA pointwise kernel) ...
+  with_ema = steps.batch_statistics(state.replace(params=ema, ema_params=None), images,
+                                    jax.random.key(0), mean=mean, std=std)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(with_ema)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # ... and with 3 batches of 4, the mean of their statistics: the same overall mean.
+  three = steps.make_recalibrate(mesh, num_batches=3, batch_size=4, num_examples=12,
+                                 seed_key=jax.random.key(0), stats_fn=stats_fn)
+  np.testing.assert_allclose(three(state, images, np.int32(1)).batch_stats['BatchNorm_0']['bn'][
+      'mean'], np.asarray(images, np.float64).mean((0, 1, 2)) / 255.0, rtol=1e-5)
+
+
+def test_a_run_with_recalibration_is_deterministic_and_evaluates_other_statistics(
+    tmp_path, image_folder):
+  config = recipe_config(image_folder, 2)
+  config.bn_recalibrate_batches = 2
+  a = train.train_and_evaluate(config, str(tmp_path / 'a'), quiet=True)
+  b = train.train_and_evaluate(config, str(tmp_path / 'b'), quiet=True)
+  assert a['test_accuracy'] == b['test_accuracy'] and a['max_val_accuracy'] == b['max_val_accuracy']
+  rows = lambda d: [json.loads(l) for l in open(os.path.join(d, 'metrics.jsonl'))]
+  config.bn_recalibrate_batches = 0
+  train.train_and_evaluate(config, str(tmp_path / 'c'), quiet=True)
+  # Training is untouched (the moving averages stay training's); only validation changes.
+  ra, rc = rows(tmp_path / 'a'), rows(tmp_path / 'c')
+  assert [r['train_loss'] for r in ra] == [r['train_loss'] for r in rc]
+  assert [r['val_loss'] for r in ra] != [r['val_loss'] for r in rc]
