@@ -23,6 +23,12 @@ import jax
 import jax.numpy as jnp
 
 
+def _accumulation(dtype) -> jnp.dtype:
+  """Kernel gradients sum over the batch and the map in at least float32 (bfloat16 activations),
+  and in float64 when the activations are (x64 runs must not round to float32 here)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def shifted_taps_strided(x, k, strides, dilation, out_size):
   """sum over taps (i, j) of the strided window of padded `x` at (i * dh, j * dw), times k[i, j]."""
   (sh, sw), (dh, dw), (out_h, out_w) = strides, dilation, out_size
@@ -69,7 +75,7 @@ def _shifted_taps_bwd(dilation, residuals, dy):
   oh, ow = dy.shape[1:3]
   dk = jnp.stack([
       jnp.stack([jnp.sum(x[:, i * dh:i * dh + oh, j * dw:j * dw + ow] * dy, axis=(0, 1, 2),
-                         dtype=jnp.float32) for j in range(kw)]) for i in range(kh)])
+                         dtype=_accumulation(x.dtype)) for j in range(kw)]) for i in range(kh)])
   return dx, dk.astype(k.dtype)
 
 
@@ -96,7 +102,8 @@ def _pointwise_conv_fwd(x, kernel):
 def _pointwise_conv_bwd(residuals, dy):
   x, kernel = residuals
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  dkernel = jnp.matmul(x2.T, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
+  dkernel = jnp.matmul(x2.T, dy2, preferred_element_type=_accumulation(x.dtype)).astype(
+      kernel.dtype)
   return (dy2 @ kernel.T).reshape(x.shape), dkernel
 
 

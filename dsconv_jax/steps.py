@@ -59,7 +59,8 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
   With `label_smoothing` = e the target is (1 - e) * one_hot + e / num_classes (Keras' and
   optax's definition); 0 keeps the exact integer-label form of the source recipes.
   """
-  logits = logits.astype(jnp.float32)
+  # At least float32 (bfloat16 logits are promoted); float64 stays float64 (tests with x64 on).
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   if not label_smoothing:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)

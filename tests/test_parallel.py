@@ -134,3 +134,16 @@ def test_deterministic_after_jax_started_is_refused():
   config.deterministic = True
   with pytest.raises(UserError, match='before JAX starts'):
     cli.apply_determinism(config)
+
+
+def test_model3_drift_between_1_and_4_devices_is_float32_rounding():
+  """Model 3 on 1 device and on 4 (batch sharded) drifts apart in float32 (sums over the devices
+  round in another order, and training amplifies it); in float64 the same steps agree to 1e-9."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'drift_worker.py')],
+                       env=_env(4), capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.split('RESULT ', 1)[1])
+  assert len(result['float64']) >= 10
+  assert max(result['float64']) < 1e-9, result['float64']
+  assert result['float32'][0] == 0.0  # The first step: the same float32 loss on 1 and 4.
+  assert max(result['float32']) > 1e-5, result['float32']  # The drift the float64 run removes.
