@@ -1,4 +1,4 @@
-"""Evaluates a finished run per class: `python -m dsconv_jax.evaluate --workdir=DIR [--dataset=...]`.
+"""Evaluates a finished run per class: `python -m dsconv_jax.evaluate --workdir=DIR`.
 
 Without `--dataset` it evaluates the run's own test split (its config's dataset, loaded as training
 loaded it), which reproduces the run's `test_accuracy`. `--dataset=folder:ROOT` evaluates another
@@ -55,8 +55,8 @@ def load_split(run, dataset: str | None = None) -> tuple[data_lib.Split, str]:
       labels += [label] * len(names)
     if not paths:
       raise UserError(f'the class folders of {split_dir!r} hold no images')
-    return data_lib.Split(run.load_images(paths), np.asarray(labels, np.int32)), f'folder:{split_dir}'
-
+    split = data_lib.Split(run.load_images(paths), np.asarray(labels, np.int32))
+    return split, f'folder:{split_dir}'
   h, w, _ = run.image_shape
   other = data_lib.load_dataset(dataset, run.config.data_dir, run.config.cache_dir,
                                 h if h == w else 0)

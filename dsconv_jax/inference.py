@@ -99,7 +99,8 @@ class Run:
     for start in range(0, n, size):
       chunk = images[start:start + size]
       # Padding rows are computed and dropped: evaluation-mode layers treat rows independently.
-      out.append(np.asarray(fn(self.variables, steps.pad_rows(chunk, size), mean, std))[:len(chunk)])
+      logits = fn(self.variables, steps.pad_rows(chunk, size), mean, std)
+      out.append(np.asarray(logits)[:len(chunk)])
     return np.concatenate(out)
 
   def check_images(self, images: Any) -> np.ndarray:

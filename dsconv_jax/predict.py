@@ -1,4 +1,4 @@
-"""Classifies image files with a finished run: `python -m dsconv_jax.predict --workdir=DIR PATH ...`.
+"""Classifies images with a finished run: `python -m dsconv_jax.predict --workdir=DIR PATH ...`.
 
 Each PATH is an image file or a folder, searched recursively for image files. Images are decoded
 as training decoded its images (`inference.Run.load_images`: the same mode rules, grey or RGB as

@@ -3,7 +3,7 @@
 The run is built once by `experiment.create_experiment`; this module restores the newest
 checkpoint, loops over the epochs (each one compiled call of `dsconv_jax.steps`), hands each epoch's
 results to the callbacks of `dsconv_jax.callbacks` (metrics.jsonl, TensorBoard, progress,
-checkpoint), and writes summary.json and curves.png at the end.
+checkpoint), and writes summary.json, curves.png and confusion.png at the end.
 """
 
 from __future__ import annotations

@@ -108,6 +108,21 @@ def test_load_run_restores_the_ema_weights_and_predicts(trained, run):
   assert run.predict(test.images[:0]).shape == (0, 3)
 
 
+def test_load_run_reads_without_touching_the_workdir(trained, tmp_path):
+  # Safe beside a training process that writes the same folder: a save in flight (its temporary
+  # folder) is left alone, and nothing is created.
+  import shutil
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(trained[0], workdir)
+  in_flight = os.path.join(workdir, 'checkpoints', '3.orbax-checkpoint-tmp-1700000000000000')
+  os.makedirs(in_flight)
+  before = sorted(os.listdir(workdir)) + sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert inference.load_run(workdir).epoch == 2
+  assert os.path.isdir(in_flight)
+  after = sorted(os.listdir(workdir)) + sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert after == before
+
+
 def test_predict_rejects_images_it_cannot_take(run):
   with pytest.raises(UserError, match='uint8'):
     run.predict(np.zeros((2, 32, 32, 3), np.float32))
