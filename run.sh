@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 
 setup() {
-  local extras="test,tfds"
+  local extras="test,tfds,export"
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     local cuda_major
     cuda_major=$(nvidia-smi | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -n 1)

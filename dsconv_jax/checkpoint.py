@@ -58,19 +58,38 @@ class _QuietOrbaxErrors(logging.Filter):
         '\\', '/'))
 
 
+@contextlib.contextmanager
+def _without_read_only_notice() -> Iterator[None]:
+  """Drops Orbax's warning that a read-only manager's folder is read only: asked for, not news."""
+  notice = lambda record: not record.getMessage().startswith('Given directory is read only')
+  logger = logging.getLogger('absl')
+  logger.addFilter(notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notice)
+
+
 class Checkpoints:
   """The checkpoints of one run, stored as `DIR/<epoch>/` (Orbax steps are finished epochs)."""
 
-  def __init__(self, directory: str, keep: int = 2):
+  def __init__(self, directory: str, keep: int = 2, read_only: bool = False):
+    """`read_only` (for reading a finished run: `dsconv_jax.inference`) creates, cleans up and
+    moves nothing, so that it is safe beside a training process writing the same folder."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        create=True,
-        # A save killed halfway leaves `<epoch>.orbax-checkpoint-tmp`; remove it quietly at start.
-        cleanup_tmp_directories=True,
-        preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, keep)),
-        enable_async_checkpointing=True)
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          create=True,
+          # A save killed halfway leaves `<epoch>.orbax-checkpoint-tmp`; remove it quietly at start.
+          cleanup_tmp_directories=True,
+          preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, keep)),
+          enable_async_checkpointing=True)
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options)
+      with _without_read_only_notice():
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
       raise UserError(f'cannot create the checkpoint folder {self.directory!r}: {e}') from None
     # The newest whole checkpoint, and the epoch whose background save is in flight.
@@ -120,7 +139,7 @@ class Checkpoints:
         damaged.append(epoch)
         first_error = first_error or e
         continue
-      if damaged:
+      if damaged and not self.read_only:
         self._move_aside(damaged)
       return epoch, restored
     if damaged:

@@ -7,6 +7,7 @@ catch it through `run_cli` and print only the message.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -37,7 +38,8 @@ class Stopped(Exception):
 def run_cli(fn: Callable[[], object]) -> None:
   """Runs `fn`, turning `UserError` into `error: MESSAGE` on stderr and its exit status.
 
-  `Stopped` prints its message and exits with its status (128 + the signal number).
+  `Stopped` prints its message and exits with its status (128 + the signal number). A reader of
+  stdout that goes away (`... | head`) ends the program quietly with SIGPIPE's status, 141.
   """
   try:
     fn()
@@ -50,3 +52,8 @@ def run_cli(fn: Callable[[], object]) -> None:
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr, flush=True)
     sys.exit(130)
+  except BrokenPipeError:
+    # Python's advice: point stdout at /dev/null, so that flushing it at exit cannot fail again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(128 + 13)

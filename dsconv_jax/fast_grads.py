@@ -120,7 +120,9 @@ def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
   variadic reduce-window and a scatter, about 15% of Model 3's CPU step (BENCHMARKS.md), where
   this is a few fused elementwise operations and a reduction.
   """
-  return nn.max_pool(x, window, window, padding='VALID')
+  # Keywords, not positions: jax2onnx (the ONNX export, `dsconv_jax.export`) replaces
+  # `nn.max_pool` while it traces with a function whose window and strides are keyword-only.
+  return nn.max_pool(x, window_shape=window, strides=window, padding='VALID')
 
 
 def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:

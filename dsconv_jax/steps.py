@@ -140,6 +140,20 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
   the image's and its left-right mirror's (test-time augmentation). `compute_dtype` as in
   `train_step`; the loss is float32.
   """
+  logits = eval_logits(state, images, mean=mean, std=std, tta_flip=tta_flip,
+                       compute_dtype=compute_dtype)
+  loss = cross_entropy_loss(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+
+
+def eval_logits(state: TrainState, images: jax.Array, *, mean: jax.Array, std: jax.Array,
+                tta_flip: bool = False, compute_dtype: str = 'float32') -> jax.Array:
+  """The logits that evaluation scores (`eval_step`; per-class results use them too).
+
+  `state.ema_params` in place of `state.params` when the state has them; with `tta_flip` the mean
+  of the image's and its left-right mirror's logits.
+  """
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std, compute_dtype)
   apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -147,9 +161,7 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax
   logits = apply(x)
   if tta_flip:
     logits = 0.5 * (logits + apply(x[:, :, ::-1, :]))
-  loss = cross_entropy_loss(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+  return logits
 
 
 def _exact_batch_statistics(next_fun, args, kwargs, context):

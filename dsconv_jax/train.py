@@ -3,7 +3,7 @@
 The run is built once by `experiment.create_experiment`; this module restores the newest
 checkpoint, loops over the epochs (each one compiled call of `dsconv_jax.steps`), hands each epoch's
 results to the callbacks of `dsconv_jax.callbacks` (metrics.jsonl, TensorBoard, progress,
-checkpoint), and writes summary.json and curves.png at the end.
+checkpoint), and writes summary.json, curves.png and confusion.png at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dsconv_jax import analysis
 from dsconv_jax import budget
 from dsconv_jax import callbacks as callbacks_lib
 from dsconv_jax import checkpoint as checkpoint_lib
+from dsconv_jax import confusion as confusion_lib
 from dsconv_jax import experiment as experiment_lib
 from dsconv_jax import fileio
 from dsconv_jax import reporting
@@ -271,6 +272,7 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
         exp.evaluate_tta_flip(state, *exp.put_split(test))['accuracy']))
   best = max(history, key=lambda r: r['val_accuracy'])
   width = exp.description.width
+  matrix = confusion_lib.experiment_confusion(exp, state, test)
   return {
       'model': config.model,
       'dataset': data.dataset.source,
@@ -291,6 +293,10 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'val_examples': len(data.val.labels),
       'test_examples': len(test.labels),
       'normalization': {'mean': exp.mean, 'std': exp.std},
+      # What inference needs besides `config` and the checkpoint (`dsconv_jax.inference`).
+      'class_names': list(data.dataset.class_names),
+      'image_shape': list(data.image_shape),
+      **confusion_lib.summary_fields(matrix, data.dataset.class_names),
       'seed': int(config.seed),
       'device': reporting.device_description(),
       'device_count': jax.device_count(),
@@ -301,10 +307,12 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
 
 
 def _write_summary(workdir: str, summary: dict[str, Any], history) -> None:
-  with fileio.writing(f'summary.json and curves.png to {workdir!r}'):
-    # summary.json last: it marks a finished run (bench and load_run look for it).
+  with fileio.writing(f'summary.json, curves.png and confusion.png to {workdir!r}'):
     reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
                           title=f'{summary["model"]} ({summary["dataset"]})')
+    confusion_lib.plot_confusion(np.asarray(summary['test_confusion']), summary['class_names'],
+                                 os.path.join(workdir, 'confusion.png'))
+    # summary.json last: it marks a finished run (bench and load_run look for it).
     fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
   best = summary['max_val_accuracy']
   print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}), test accuracy '

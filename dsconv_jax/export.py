@@ -1,0 +1,338 @@
+"""Exports a finished run to ONNX: `python -m dsconv_jax.export --workdir=DIR --out=model.onnx`.
+
+The ONNX model takes what the run was trained on and returns logits:
+
+* input `images`: uint8 [batch, H, W, C], NHWC, the pixels as stored (0..255); the batch size is
+  dynamic. The run's normalisation ((x - mean) / std per channel) is the graph's first operation,
+  so that callers need not know it.
+* output `logits`: float32 [batch, classes]; softmax gives the class probabilities.
+* metadata (`metadata_props`): `class_names` (JSON list, index = class id), `image_shape`,
+  `normalization_mean`, `normalization_std`, `input_layout`, and the run it came from.
+
+The conversion goes through jax2onnx (no TensorFlow), tracing `model.apply` in evaluation mode
+with the weights the run evaluated (the EMA weights when it kept them), in float32. The model is
+built with depthwise convolutions in their grouped form (`layers.Options(depthwise='grouped')`),
+so that each is one ONNX `Conv` with `group` = its input channels; the export checks that the graph
+has them. jax2onnx writes the 1x1 convolutions as `Einsum` ('nhwc,cf->nhwf'); they are rewritten
+as the equivalent `MatMul`, which runtimes and quantizers know. Right after the conversion,
+onnxruntime's logits on the first 256 test images (all of them when there are fewer) are compared
+with JAX's: the largest difference is printed and must be below 1e-4, otherwise nothing is
+written and the command fails.
+
+`--int8` also writes a statically quantised model next to the float one (`<stem>.int8.onnx`, or
+`--int8_out`): onnxruntime's `quantize_static` in QDQ format, int8 weights per output channel and
+uint8 activations of the convolutions and matrix products, with activation ranges calibrated
+(min/max) on `--calibration_images` training images. It prints the test accuracy of both models
+under onnxruntime and both file sizes.
+
+Needs the `export` extra (jax2onnx, onnx, onnxruntime). A workdir without a finished run or an
+output path that cannot be written is a one-line error with exit status 1; command-line
+mistakes exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from dsconv_jax.errors import UsageError, UserError, run_cli
+
+USAGE = ('python -m dsconv_jax.export --workdir=DIR --out=model.onnx [--int8] [--int8_out=PATH] '
+         '[--calibration_images=N]')
+INPUT_NAME, OUTPUT_NAME = 'images', 'logits'
+# ONNX opset of the export: 18 is the oldest for which jax2onnx writes a valid graph (it gives
+# ReduceMean its axes as an input, which opset 18 introduced); onnxruntime runs it since 1.14.
+OPSET = 18
+TOLERANCE = 1e-4  # The largest |logit difference| allowed between onnxruntime and JAX.
+CHECK_IMAGES = 256
+
+
+def _require_export_packages():
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top,unused-import
+    import onnx  # pylint: disable=g-import-not-at-top,unused-import
+    import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise UserError(f'the export needs jax2onnx, onnx and onnxruntime ({e}); install them with '
+                    "pip install -e '.[export]'") from None
+
+
+def int8_path(out: str) -> str:
+  """Where `--int8` writes by default: model.onnx -> model.int8.onnx."""
+  stem, ext = os.path.splitext(out)
+  return f'{stem}.int8{ext or ".onnx"}'
+
+
+def depthwise_channels(params) -> list[int]:
+  """The input channels of every depthwise kernel in `params` (Keras layout kh, kw, C, m)."""
+  import jax
+  channels = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [str(getattr(k, 'key', k)) for k in path]
+    if (keys[-1] == 'depthwise_kernel'
+        or (keys[-1] == 'kernel' and len(keys) > 1 and keys[-2].startswith('DepthwiseConv2D'))):
+      channels.append(int(leaf.shape[2]))
+  return channels
+
+
+def conv_groups(proto) -> list[int]:
+  """The `group` of every Conv node of an ONNX model (1 when not given)."""
+  from onnx import helper
+  groups = []
+  for node in proto.graph.node:
+    if node.op_type == 'Conv':
+      attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+      groups.append(int(attrs.get('group', 1)))
+  return groups
+
+
+def einsum_to_matmul(proto) -> int:
+  """Rewrites jax2onnx's 1x1 convolutions, Einsum 'nhwc,cf->nhwf', as MatMul; returns how many.
+
+  ONNX MatMul broadcasts like numpy's: [N, H, W, C] @ [C, F] = [N, H, W, F], the same sums.
+  """
+  from onnx import helper
+  count = 0
+  for i, node in enumerate(proto.graph.node):
+    if node.op_type != 'Einsum':
+      continue
+    equation = helper.get_attribute_value(node.attribute[0]).decode().replace(' ', '')
+    inputs, output = equation.split('->')
+    lhs, rhs = inputs.split(',')
+    # A contraction of lhs's last axis with rhs's first, rhs a matrix, nothing else moved.
+    if len(rhs) == 2 and lhs[-1] == rhs[0] and output == lhs[:-1] + rhs[1] and \
+        len(set(lhs + rhs[1])) == len(lhs) + 1:
+      proto.graph.node[i].CopyFrom(helper.make_node(
+          'MatMul', list(node.input), list(node.output), name=node.name or f'MatMul_{i}'))
+      count += 1
+  return count
+
+
+def convert(run):
+  """The run's model in float32 as an ONNX ModelProto (uint8 images in, logits out)."""
+  import jax
+  import jax.numpy as jnp
+  import jax2onnx
+  from dsconv_jax import models
+  from dsconv_jax import steps
+
+  config = run.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
+  model = models.build_model(config, run.num_classes)
+  mean, std = jnp.asarray(run.mean), jnp.asarray(run.std)
+
+  def logits(images):
+    return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
+
+  spec = jax.ShapeDtypeStruct(('batch', *run.image_shape), jnp.uint8)
+  proto = jax2onnx.to_onnx(logits, [spec], model_name=f'dsconv_jax_{run.config.model}',
+                           opset=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+  einsum_to_matmul(proto)
+  h, w, c = run.image_shape
+  proto.producer_name = 'dsconv_jax (jax2onnx)'
+  proto.doc_string = (f'{run.config.model} trained by dsconv_jax ({run.workdir}, epoch '
+                      f'{run.epoch}). Input {INPUT_NAME}: uint8 [batch, {h}, {w}, {c}] NHWC '
+                      f'pixels 0..255, normalised inside. Output {OUTPUT_NAME}: float32 [batch, '
+                      f'{run.num_classes}]; softmax for probabilities. Class names in metadata.')
+  metadata = {
+      'class_names': json.dumps(run.class_names),
+      'image_shape': json.dumps(list(run.image_shape)),
+      'input_layout': 'NHWC uint8, 0..255 (normalised inside the graph)',
+      'normalization_mean': json.dumps([float(v) for v in run.mean]),
+      'normalization_std': json.dumps([float(v) for v in run.std]),
+      'model': run.config.model,
+      'source_workdir': os.path.abspath(run.workdir),
+      'source_epoch': str(run.epoch),
+      'ema_weights': str(run.ema).lower(),
+  }
+  del proto.metadata_props[:]
+  for key, value in metadata.items():
+    proto.metadata_props.add(key=key, value=value)
+  return proto
+
+
+def jax_logits(run, images: np.ndarray) -> np.ndarray:
+  """JAX's float32 logits of the run's model as the run built it (its own depthwise form)."""
+  import jax
+  from dsconv_jax import steps
+  apply = jax.jit(lambda variables, x: run.model.apply(
+      variables, steps.preprocess(x, run.mean, run.std), train=False))
+  return np.asarray(apply(run.variables, images))
+
+
+def check_grouped(proto, params) -> list[int]:
+  """The groups of the depthwise Convs; a UserError when a depthwise layer has none."""
+  expected = collections.Counter(c for c in depthwise_channels(params))
+  found = collections.Counter(conv_groups(proto))
+  missing = expected - found
+  if missing:
+    raise UserError(f'the ONNX graph lacks grouped convolutions for depthwise layers of '
+                    f'{", ".join(map(str, sorted(missing.elements())))} channels (Conv groups in '
+                    f'the graph: {sorted(found.elements())})')
+  return sorted(expected.elements())
+
+
+def session(model_bytes_or_path):
+  import onnxruntime as ort
+  options = ort.SessionOptions()
+  options.log_severity_level = 3  # Errors only: its warnings about unused initializers are noise.
+  return ort.InferenceSession(model_bytes_or_path, options, providers=['CPUExecutionProvider'])
+
+
+def run_onnx(sess, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+  """Logits of `images` under an onnxruntime session, in batches."""
+  out = [sess.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + batch_size]})[0]
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class _Calibration:
+  """onnxruntime's CalibrationDataReader protocol (`get_next`) over batches of images."""
+
+  def __init__(self, images: np.ndarray, batch_size: int = 32):
+    self._batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+  def get_next(self) -> dict[str, np.ndarray] | None:
+    batch = next(self._batches, None)
+    return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize(float_model: bytes, calibration: np.ndarray) -> bytes:
+  """The statically quantised (QDQ, int8 weights per channel, uint8 activations) model."""
+  from onnxruntime import quantization
+  from onnxruntime.quantization import shape_inference
+  with tempfile.TemporaryDirectory(prefix='dsconv_jax-int8-') as tmp:
+    source, prepared, quantized = (os.path.join(tmp, n) for n in ('float.onnx', 'prepared.onnx',
+                                                                  'int8.onnx'))
+    with open(source, 'wb') as f:
+      f.write(float_model)
+    # Shape inference and constant folding first (onnxruntime's advice): the weights become
+    # initializers, which the quantizer can quantize per channel.
+    shape_inference.quant_pre_process(source, prepared)
+    quantization.quantize_static(
+        prepared, quantized, _Calibration(calibration),
+        quant_format=quantization.QuantFormat.QDQ, op_types_to_quantize=['Conv', 'MatMul'],
+        per_channel=True, activation_type=quantization.QuantType.QUInt8,
+        weight_type=quantization.QuantType.QInt8,
+        # Min/max ranges merge exactly, so intermediate outputs can be reduced every few batches
+        # (memory stays bounded for any number of calibration images).
+        extra_options={'CalibMaxIntermediateOutputs': 4})
+    with open(quantized, 'rb') as f:
+      return f.read()
+
+
+def write_atomic(path: str, payload: bytes, flag: str) -> None:
+  from dsconv_jax import fileio
+  try:
+    with fileio.atomic_open(path, 'wb') as f:
+      f.write(payload)
+  except OSError as e:
+    raise UserError(f'cannot write {flag}={path} ({e.strerror or e}); choose another {flag}'
+                    ) from None
+
+
+def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None = None,
+           calibration_images: int = 1024, log=print) -> dict[str, Any]:
+  """Exports the run in `workdir` to `out` (and its int8 model); returns what it measured."""
+  from dsconv_jax import data as data_lib
+  from dsconv_jax import inference
+  int8_out = (int8_out or int8_path(out)) if int8 else None
+  for path, flag in ((out, '--out'), (int8_out, '--int8_out')):
+    if path:
+      inference.check_writable(path, flag)
+  if int8_out and os.path.abspath(int8_out) == os.path.abspath(out):
+    raise UsageError(f'--int8_out={int8_out} is --out; name another file')
+  _require_export_packages()
+  run = inference.load_run(workdir)
+  dataset = run.dataset()
+  test = dataset.test
+
+  proto = convert(run)
+  groups = check_grouped(proto, run.variables['params'])
+  import onnx
+  onnx.checker.check_model(proto)
+  payload = proto.SerializeToString()
+  check = test.images[:CHECK_IMAGES]
+  difference = float(np.max(np.abs(run_onnx(session(payload), check) - jax_logits(run, check))))
+  h, w, c = run.image_shape
+  log(f'exported {run.workdir} ({run.config.model}, epoch {run.epoch}'
+      f'{", EMA weights" if run.ema else ""}): input {INPUT_NAME} uint8 [batch, {h}, {w}, {c}] '
+      f'NHWC, output {OUTPUT_NAME} float32 [batch, {run.num_classes}]')
+  log(f'depthwise convolutions as grouped Conv: group = {", ".join(map(str, groups))}')
+  log(f'onnxruntime vs JAX on {len(check)} test images: largest logit difference '
+      f'{difference:.3g} (required < {TOLERANCE:g})')
+  if not difference < TOLERANCE:
+    raise UserError(f'onnxruntime\'s logits differ from JAX\'s by {difference:.3g} (>= '
+                    f'{TOLERANCE:g}); nothing was written')
+  write_atomic(out, payload, '--out')
+  result = {'out': out, 'bytes': len(payload), 'max_difference': difference,
+            'check_images': len(check), 'groups': groups}
+  if not int8:
+    log(f'wrote {out} ({len(payload):,} bytes)')
+    return result
+
+  calibration = data_lib.take_subset(dataset.train, min(calibration_images,
+                                                        len(dataset.train.labels)),
+                                     int(run.config.get('data_seed', 0))).images
+  quantized = quantize(payload, calibration)
+  accuracy = lambda model: float(np.mean(
+      run_onnx(session(model), test.images).argmax(-1) == test.labels))
+  float_accuracy, int8_accuracy = accuracy(payload), accuracy(quantized)
+  write_atomic(int8_out, quantized, '--int8_out')
+  log(f'int8: static quantisation (QDQ; int8 weights per channel, uint8 activations), calibrated '
+      f'on {len(calibration)} training images')
+  log(f'\n| model | file | bytes | test accuracy ({len(test.labels)} images, onnxruntime) |\n'
+      f'| --- | --- | ---: | ---: |\n'
+      f'| float32 | {out} | {len(payload):,} | {100 * float_accuracy:.2f}% |\n'
+      f'| int8 | {int8_out} | {len(quantized):,} | {100 * int8_accuracy:.2f}% |')
+  log(f'wrote {out} and {int8_out}')
+  result.update(int8_out=int8_out, int8_bytes=len(quantized), float_accuracy=float_accuracy,
+                int8_accuracy=int8_accuracy, calibration_images=len(calibration),
+                test_images=len(test.labels))
+  return result
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse whose mistakes are `UsageError`s: one line on stderr and exit status 2."""
+
+  def error(self, message):
+    raise UsageError(f'{message}; usage: {USAGE}')
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = _ArgumentParser(
+      prog='python -m dsconv_jax.export', usage=USAGE,
+      description='Exports a finished run to ONNX (uint8 NHWC images in, logits out), checked '
+      'against JAX with onnxruntime; --int8 also writes a statically quantised model.')
+  parser.add_argument('--workdir', required=True, metavar='DIR',
+                      help='the workdir of a finished dsconv_jax.main run')
+  parser.add_argument('--out', required=True, metavar='PATH', help='the ONNX file to write')
+  parser.add_argument('--int8', action='store_true',
+                      help='also write a statically quantised int8 model and compare accuracies')
+  parser.add_argument('--int8_out', default=None, metavar='PATH',
+                      help='where --int8 writes (default: --out with .int8.onnx)')
+  parser.add_argument('--calibration_images', type=int, default=1024, metavar='N',
+                      help='training images that calibrate the int8 ranges (default 1024)')
+
+  def body():
+    args = parser.parse_args(argv)
+    if args.calibration_images < 1:
+      raise UsageError(f'--calibration_images must be at least 1, got {args.calibration_images}')
+    if args.int8_out and not args.int8:
+      raise UsageError('--int8_out needs --int8')
+    export(args.workdir, args.out, int8=args.int8, int8_out=args.int8_out,
+           calibration_images=args.calibration_images,
+           log=lambda line: print(line, flush=True))
+
+  run_cli(body)
+
+
+if __name__ == '__main__':
+  main()
