@@ -219,18 +219,29 @@ def test_a_signal_at_any_moment_stops_cleanly(tmp_path, folder, cli_env, signame
       metrics_rows(workdir)  # Whole lines only.
 
 
+def disk_usage(path):
+  """Bytes that the files below `path` take on disk (whole blocks, as a filesystem fills)."""
+  return sum(os.stat(os.path.join(d, f)).st_blocks * 512
+             for d, _, files in os.walk(path) for f in files)
+
+
 @contextlib.contextmanager
-def small_filesystem(path, size_kb):
-  """A real tmpfs of `size_kb` mounted at `path` (root only); yields a function that grows it,
-  or None where mounting is not permitted."""
+def small_filesystem(path, free_bytes):
+  """A real tmpfs mounted at `path` (root only) with about `free_bytes` left free by a ballast
+  file; yields a function that frees the space, or None where mounting is not permitted."""
   os.makedirs(path)
-  mount = lambda *args: subprocess.run(['mount', '-t', 'tmpfs', *args, 'tmpfs', path],
-                                       capture_output=True).returncode == 0
-  if not (shutil.which('mount') and mount('-o', f'size={size_kb}k')):
+  mounted = shutil.which('mount') and subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', path], capture_output=True
+  ).returncode == 0
+  if not mounted:
     yield None
     return
   try:
-    yield lambda kb: subprocess.run(['mount', '-o', f'remount,size={kb}k', path], check=True)
+    ballast = os.path.join(path, 'ballast')
+    stat = os.statvfs(path)
+    with open(ballast, 'wb') as f:
+      f.write(b'\0' * (stat.f_bavail * stat.f_frsize - free_bytes))
+    yield lambda: os.unlink(ballast)
   finally:
     subprocess.run(['umount', '-l', path], check=False)
 
@@ -248,7 +259,9 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))
 def test_full_disk_while_saving_is_one_clear_error_and_nothing_half_written(
     tmp_path, reference, folder, cli_env):
   env = dict(cli_env)
-  with small_filesystem(str(tmp_path / 'small'), 200) as grow:
+  # Room for the run's small files and one and a half checkpoints: the second save fills the disk.
+  checkpoint = disk_usage(os.path.join(reference, 'checkpoints', str(EPOCHS)))
+  with small_filesystem(str(tmp_path / 'small'), int(1.5 * checkpoint) + 96 * 1024) as grow:
     workdir = str(tmp_path / 'small' / 'run')
     if grow is None:
       env.pop('JAX_COMPILATION_CACHE_DIR')  # Its files would hit the limit too.
@@ -276,7 +289,7 @@ def test_full_disk_while_saving_is_one_clear_error_and_nothing_half_written(
     if grow is None:
       out = main_cli(workdir, folder, cli_env)
     else:
-      grow(20_000)
+      grow()
       out = main_cli(workdir, folder, env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_run(workdir, reference)
