@@ -849,16 +849,17 @@ def _fmt(v: int | list[int]) -> str:
   return str(v) if isinstance(v, int) else 'x'.join(map(str, v))
 
 
-def batch_norm_momenta(model: nn.Module, input_shape: Sequence[int]) -> list[float]:
-  """The momentum of every `flax.linen.BatchNorm` that `model` calls (the project's BatchNorm
-  layers wrap one), found by tracing its initialisation abstractly."""
-  momenta = []
+def batch_norm_settings(model: nn.Module, input_shape: Sequence[int]
+                        ) -> list[tuple[float, float]]:
+  """(momentum, epsilon) of every `flax.linen.BatchNorm` that `model` calls, in call order (the
+  project's BatchNorm layers wrap one), found by tracing its initialisation abstractly."""
+  settings = []
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      momenta.append(float(context.module.momentum))
+      settings.append((float(context.module.momentum), float(context.module.epsilon)))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
-  return momenta
+  return settings

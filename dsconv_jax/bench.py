@@ -17,12 +17,12 @@ those seeds.
 """
 
 from __future__ import annotations
+
 # Before any other import: a SIGINT or SIGTERM during start-up (imports, JAX's initialisation, the
 # data, the first compile) waits for a safe point instead of interrupting a compiled extension.
 from dsconv_jax import stopping  # pylint: disable=g-bad-import-order
 if __name__ == '__main__':
   stopping.defer_signals()
-
 
 import json
 import os

@@ -183,7 +183,7 @@ def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str |
   0.99 needs about 300 steps to forget them, so short runs of the source recipes validate near
   chance while training accuracy climbs (faithful to Keras, and a trap for a newcomer).
   """
-  momenta = analysis.batch_norm_momenta(model, image_shape)
+  momenta = [m for m, _ in analysis.batch_norm_settings(model, image_shape)]
   if not momenta or steps_per_epoch <= 0:
     return None
   momentum = max(momenta)

@@ -7,7 +7,6 @@ stop with one clear error and keep the last good checkpoint.
 """
 
 import contextlib
-import errno
 import glob
 import json
 import os

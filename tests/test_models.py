@@ -257,16 +257,7 @@ def test_a_bad_import_path_is_one_line(user_module, path, problem):
 
 def _batch_norms(model):
   """(momentum, epsilon) of each flax BatchNorm `model` calls (the project's wrap one each)."""
-  seen = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      seen.append((context.module.momentum, context.module.epsilon))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
-  return seen
+  return analysis.batch_norm_settings(model, (32, 32, 3))
 
 
 @pytest.mark.parametrize('name, n_bn', [('model3', 7), ('separable80k', 6), ('dsresnet', 9),

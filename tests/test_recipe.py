@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import analysis, budget, experiment, layers, models, optim, steps, train
+from dsconv_jax import budget, experiment, layers, models, optim, steps, train
 from dsconv_jax.defaults import get_config, get_testing_config
 from dsconv_jax.errors import UserError
 

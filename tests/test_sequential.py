@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,16 +257,7 @@ def test_bn_momentum_and_epsilon_reach_a_spec_unless_written():
                         *CLASSES_HEAD])
   config.bn_momentum, config.bn_epsilon = 0.8, 1e-4
   model = models.build_model(config, 10)
-  seen = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      seen.append((context.module.momentum, context.module.epsilon))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-  assert seen == [(0.8, 1e-4), (0.5, 0.01)]
+  assert analysis.batch_norm_settings(model, (8, 8, 3)) == [(0.8, 1e-4), (0.5, 0.01)]
 
 
 def _summary(args, env, cwd=ROOT):
