@@ -283,6 +283,18 @@ def test_export_int8_reports_accuracy_and_sizes(trained, run, exported):
   assert result['float_accuracy'] == pytest.approx(trained[2]['test_accuracy'], abs=1e-6)
 
 
+def test_int8_calibration_uses_every_batch(exported, run):
+  """Calibration over more batches than onnxruntime's intermediate-output limit would keep: every
+  batch counts (with CalibMaxIntermediateOutputs, 4+ batches collected nothing at all)."""
+  from dsconv_jax import export
+  with open(exported[0], 'rb') as f:
+    float_model = f.read()
+  train = run.dataset().train.images
+  images = np.resize(train, (4 * 32, *train.shape[1:]))  # Exactly 4 calibration batches of 32.
+  quantized = export.quantize(float_model, images)
+  assert len(quantized) > 0
+
+
 @pytest.mark.parametrize('case', ['no_run', 'unreadable_image', 'other_classes',
                                   'export_under_a_file'])
 def test_bad_input_is_one_error_line_and_exit_1(case, trained, tmp_path, capsys):
