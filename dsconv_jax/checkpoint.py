@@ -95,9 +95,13 @@ class Checkpoints:
     # The newest whole checkpoint, and the epoch whose background save is in flight.
     self._saved: int | None = max(self.epochs(), default=None)
     self._pending: int | None = None
-    # absl routes Orbax's logging through the 'absl' logger; the filter sits on it for the run.
+    # Orbax logs through absl's logger in some versions and its own module loggers in others; all
+    # reach the root logger's handlers (absl's among them), so the filter sits on those too.
     self._quiet = _QuietOrbaxErrors()
-    logging.getLogger('absl').addFilter(self._quiet)
+    self._filtered = [logging.getLogger('absl'), *logging.getLogger().handlers,
+                      *logging.getLogger('absl').handlers]
+    for target in self._filtered:
+      target.addFilter(self._quiet)
 
   def epochs(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -177,8 +181,12 @@ class Checkpoints:
   def close(self) -> None:
     try:
       self.wait()
-    finally:
-      # Closing joins Orbax's threads even after a failed save, so none is left to log at exit.
+    except BaseException:
+      # After a failed save Orbax's threads may still log it after the manager is closed, so the
+      # filter stays for the rest of the process (our error line reports the failure).
       with contextlib.suppress(Exception):
         self.manager.close()
-      logging.getLogger('absl').removeFilter(self._quiet)
+      raise
+    self.manager.close()
+    for target in self._filtered:
+      target.removeFilter(self._quiet)

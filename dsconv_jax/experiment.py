@@ -30,6 +30,12 @@ from dsconv_jax import steps
 from dsconv_jax.errors import UserError
 
 
+# The BatchNorm statistics a run evaluated with, when they are not the checkpoint's moving
+# averages (config.bn_recalibrate_batches): `train` writes them at the end, `inference.load_run`
+# uses them, so that predictions and exports are those of the evaluated model.
+EVAL_BATCH_STATS = 'eval_batch_stats.msgpack'
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """One clear error per bad value, before any work is done."""
   for key in ('num_epochs', 'batch_size', 'eval_batch_size', 'train_examples', 'eval_examples'):

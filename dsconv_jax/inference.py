@@ -4,7 +4,8 @@ A finished run's workdir is all that inference needs. summary.json holds the con
 resolved it (the model as built, a width fitted to `config.fit_params` included), the class names,
 the image shape and the normalisation; checkpoints/ holds the weights, of which the newest is the
 last epoch's. The weights are those the run evaluated: the exponential moving average when the run
-kept one (`config.ema_decay`), else the trained parameters, with BatchNorm's moving statistics.
+kept one (`config.ema_decay`), else the trained parameters, with BatchNorm's moving statistics, or
+the statistics recomputed for them (`eval_batch_stats.msgpack`, config.bn_recalibrate_batches).
 
     run = dsconv_jax.load_run('runs/model3')
     probabilities = run.predict(images)       # uint8 [N, H, W, C] -> float32 [N, classes]
@@ -26,6 +27,7 @@ import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -288,8 +290,13 @@ def load_run(workdir: str) -> Run:
                     f'summary.json of epoch {summary["epochs"]}: the run is being continued; '
                     'use it once that run has finished')
   ema = state.ema_params is not None
-  variables = {'params': state.ema_params if ema else state.params,
-               'batch_stats': state.batch_stats}
+  batch_stats = state.batch_stats
+  eval_stats = os.path.join(workdir, experiment_lib.EVAL_BATCH_STATS)
+  if os.path.exists(eval_stats):
+    # The statistics the run evaluated with (PreciseBN, config.bn_recalibrate_batches).
+    with open(eval_stats, 'rb') as f:
+      batch_stats = flax.serialization.from_bytes(jax.device_get(batch_stats), f.read())
+  variables = {'params': state.ema_params if ema else state.params, 'batch_stats': batch_stats}
   return Run(workdir=workdir, config=config, summary=summary, class_names=list(class_names),
              image_shape=image_shape,
              mean=np.asarray(normalization['mean'], np.float32),

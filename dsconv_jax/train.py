@@ -15,6 +15,7 @@ import shutil
 import time
 from typing import Any, Callable, Sequence
 
+import flax.serialization
 import jax
 import ml_collections
 import numpy as np
@@ -106,8 +107,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
       raise
     callbacks_lib.close_all(callbacks, None)
 
-  summary = _summarize(exp, state, history, compile_seconds)
+  eval_state = exp.eval_state(state, history[-1]['epoch'])  # What validation evaluated.
+  summary = _summarize(exp, eval_state, history, compile_seconds)
   if is_writer:
+    if exp.recalibrate is not None:
+      _write_eval_batch_stats(workdir, eval_state.batch_stats)
     _write_summary(workdir, summary, history)
   return summary
 
@@ -257,10 +261,12 @@ def _train_epoch(exp: experiment_lib.Experiment, compiled_epoch, state, epoch: i
 
 def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: float
                ) -> dict[str, Any]:
-  """summary.json's contents: the final test accuracy (and TTA), the run's figures, the config."""
+  """summary.json's contents: the final test accuracy (and TTA), the run's figures, the config.
+
+  `state` is the state evaluated (with PreciseBN statistics when the run recomputes them).
+  """
   config, data, report = exp.config, exp.data, exp.description.report
   test = data.dataset.test
-  state = exp.eval_state(state, history[-1]['epoch'])  # What each epoch's validation evaluated.
   if not config.eval_examples:
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
@@ -304,6 +310,14 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'versions': reporting.versions(),
       'config': config.to_dict(),
   }
+
+
+def _write_eval_batch_stats(workdir: str, batch_stats) -> None:
+  host = jax.tree.map(steps.host_value, batch_stats)
+  name = experiment_lib.EVAL_BATCH_STATS
+  with fileio.writing(f'{name} to {workdir!r}'):
+    with fileio.atomic_open(os.path.join(workdir, name), 'wb') as f:
+      f.write(flax.serialization.to_bytes(host))
 
 
 def _write_summary(workdir: str, summary: dict[str, Any], history) -> None:

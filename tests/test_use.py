@@ -26,7 +26,8 @@ CLASSES = ['cat', 'dog', 'frog']
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """(workdir, image folder, summary) of a finished 2-epoch run with an EMA of the weights."""
+  """(workdir, image folder, summary) of a finished 2-epoch run with an EMA of the weights,
+  evaluated with BatchNorm statistics recomputed for them (PreciseBN)."""
   from conftest import make_image_folder
   root = tmp_path_factory.mktemp('use')
   folder = make_image_folder(root / 'images', classes=tuple(CLASSES), per_class=(16, 6))
@@ -36,6 +37,7 @@ def trained(tmp_path_factory):
   config.train_examples = 0
   config.eval_examples = 0
   config.ema_decay = 0.9
+  config.bn_recalibrate_batches = 2
   workdir = str(root / 'run')
   summary = train.train_and_evaluate(config, workdir, quiet=True)
   return workdir, folder, summary
