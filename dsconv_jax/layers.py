@@ -337,6 +337,12 @@ class Activation(Layer):
     return ACTIVATIONS[self.function](x)
 
 
+def _pool_window(pool_size, strides) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Keras pooling's (window, strides): strides default to the pool size."""
+  window = _pair(pool_size)
+  return window, window if strides is None else _pair(strides)
+
+
 class MaxPool2D(Layer):
   """Keras `MaxPooling2D` (strides default to the pool size, padding 'valid')."""
   pool_size: int | Sequence[int] = 2
@@ -345,8 +351,7 @@ class MaxPool2D(Layer):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    window = _pair(self.pool_size)
-    strides = window if self.strides is None else _pair(self.strides)
+    window, strides = _pool_window(self.pool_size, self.strides)
     padding = _padding(self.padding)
     if strides == window and padding == 'VALID':
       return tiled_max_pool(x, window)
@@ -365,8 +370,7 @@ class AvgPool2D(Layer):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    window = _pair(self.pool_size)
-    strides = window if self.strides is None else _pair(self.strides)
+    window, strides = _pool_window(self.pool_size, self.strides)
     return nn.avg_pool(x, window, strides, padding=_padding(self.padding), count_include_pad=False)
 
 
