@@ -3,6 +3,11 @@
 Ops take a float batch (N, H, W, C) and a PRNG key and return a batch of the same shape. A config
 names them as a comma-separated string, e.g. `augment='crop,flip'` or `'crop,flip,cutout'`; the
 source configs keep the sources' choice (none).
+
+'altflip' (airbench's alternating flip) is not a per-batch op: it needs each image's index and
+the epoch, so the epoch (`steps.make_train_epoch`) draws it, before the ops named here: image i is
+mirrored in epoch 1 with probability 1/2 and in every later epoch exactly when it was not in the
+previous one, so every pair of consecutive epochs shows both views of every image.
 """
 
 from __future__ import annotations
@@ -49,18 +54,32 @@ AUGMENTATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 }
 
 
+# Names the epoch applies itself (see the module docstring).
+EPOCH_AUGMENTATIONS = ('altflip',)
+
+
 def parse(spec: str) -> tuple[str, ...]:
   """Validates a comma-separated augmentation list ('' or 'none' for no augmentation)."""
   names = tuple(s.strip() for s in (spec or '').split(',') if s.strip() and s.strip() != 'none')
-  unknown = [n for n in names if n not in AUGMENTATIONS]
+  unknown = [n for n in names if n not in AUGMENTATIONS and n not in EPOCH_AUGMENTATIONS]
+  if 'altflip' in names and 'flip' in names:
+    raise UserError("config.augment names both 'flip' and 'altflip'; keep one")
   if unknown:
     raise UserError(f'unknown augmentation(s) {unknown} in config.augment; known: '
-                    f'{", ".join(AUGMENTATIONS)}')
+                    f'{", ".join((*AUGMENTATIONS, *EPOCH_AUGMENTATIONS))}')
   return names
 
 
+def alternating_flips(key: jax.Array, num_examples: int, epoch: jax.Array) -> jax.Array:
+  """Whether each training image is mirrored in `epoch` (1-based) under 'altflip'."""
+  first = jax.random.bernoulli(key, 0.5, (num_examples,))
+  return first ^ (epoch % 2 == 0)
+
+
 def apply(names: tuple[str, ...], x: jax.Array, key: jax.Array) -> jax.Array:
-  """Applies the named augmentations in order, each with its own key."""
+  """Applies the named per-batch augmentations in order, each with its own key."""
   for i, name in enumerate(names):
+    if name in EPOCH_AUGMENTATIONS:
+      continue
     x = AUGMENTATIONS[name](x, jax.random.fold_in(key, i))
   return x

@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_seed = 0
   # 'scale' (x / 255, source 000) or 'standardize' (per-channel mean/std of the training data).
   config.normalization = 'scale'
-  # Comma-separated on-device augmentations: '', 'crop', 'flip', 'cutout' (e.g. 'crop,flip').
+  # Comma-separated on-device augmentations: '', 'crop', 'flip', 'altflip' (airbench's alternating
+  # flip: each image mirrored in every other epoch), 'cutout' (e.g. 'crop,flip').
   config.augment = ''
 
   # Training.
@@ -77,12 +78,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0
   # Weight decay on kernels only, never BatchNorm parameters or biases (0 = off).
   config.weight_decay = 0.0
+  # Learning-rate multiplier of the BatchNorm biases (1 = the same as every other parameter).
+  config.bn_bias_lr_multiplier = 1.0
+  # Identity (Dirac) initialisation of the convolutions (`layers.dirac_init`; airbench).
+  config.dirac_init = False
   # Label smoothing of the training loss (0 = off; 0.1 is usual).
   config.label_smoothing = 0.0
   # Decay of an exponential moving average of the weights, evaluated instead of them (0 = off).
   config.ema_decay = 0.0
   # Also report test_accuracy_tta_flip in summary.json (image and mirror averaged; off).
   config.tta_flip = False
+  # Also report test_accuracy_tta_multicrop: airbench's multi-crop TTA, the image (and with
+  # tta_flip its mirror) plus the image shifted by this many pixels up-left and down-right
+  # (0 = off; airbench uses 1).
+  config.tta_translate = 0
   # Make XLA's GPU kernels deterministic (--xla_gpu_deterministic_ops): bitwise-repeatable GPU
   # runs at some cost in speed. CPU runs are deterministic without it.
   config.deterministic = False

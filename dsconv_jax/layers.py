@@ -388,3 +388,31 @@ class Flatten(Layer):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     return x.reshape(x.shape[0], -1)
+
+
+def dirac_init(params: Any) -> Any:
+  """Identity (Dirac) initialisation of the convolutions, airbench's form for separable layers.
+
+  airbench overwrites the first C_in filters of each C_in -> C_out convolution with the
+  identity, so that every layer starts by passing its input through (plus random filters for
+  the rest). Here: a kernel (kh, kw, C_in, C_out) with C_out >= C_in (pointwise or full) has its
+  first C_in filters set to the centre-tap identity; a depthwise kernel (a module named
+  *Depthwise*, kernel (kh, kw, C, multiplier)) has the filters of its first half of channels set
+  to the centre tap; narrowing kernels (C_out < C_in, such as the classes layer) keep their
+  random initialisation.
+  """
+  def init(path, p):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if names[-1] != 'kernel' or jnp.ndim(p) != 4:
+      return p
+    kh, kw = p.shape[:2]
+    delta = jnp.zeros((kh, kw), p.dtype).at[kh // 2, kw // 2].set(1)
+    if any('depthwise' in n.lower() for n in names[:-1]):
+      return p.at[:, :, :p.shape[2] // 2, :].set(delta[:, :, None, None])
+    c_in, c_out = p.shape[2:]
+    if c_out < c_in:
+      return p
+    identity = delta[:, :, None, None] * jnp.eye(c_in, dtype=p.dtype)[None, None]
+    return p.at[:, :, :, :c_in].set(identity)
+
+  return jax.tree_util.tree_map_with_path(init, params)

@@ -30,7 +30,7 @@ import optax
 from dsconv_jax import augment as augment_lib
 
 # Streams of randomness folded from the seed: one purpose each.
-INIT, PERMUTATION, STEP, RECALIBRATE = 0, 1, 2, 3
+INIT, PERMUTATION, STEP, RECALIBRATE, FLIP = 0, 1, 2, 3, 4
 # config.compute_dtype values: the dtype of activations (parameters stay float32).
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
@@ -81,11 +81,17 @@ def update_ema(state: 'TrainState', decay: float) -> 'TrainState':
   return state.replace(ema_params=ema)
 
 
-def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False) -> TrainState:
-  """The initial state; with `ema` it also holds `ema_params`, starting at the initial params."""
+def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False,
+                       init_params: Callable[[Any], Any] | None = None) -> TrainState:
+  """The initial state; with `ema` it also holds `ema_params`, starting at the initial params.
+
+  `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`).
+  """
   variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
                          train=False)
   params = variables['params']
+  if init_params is not None:
+    params = init_params(params)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats', {}),
                            ema_params=jax.tree.map(jnp.copy, params) if ema else None)
@@ -94,7 +100,8 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
                axis_name: str | None = None, label_smoothing: float = 0.0,
-               ema_decay: float = 0.0, compute_dtype: str = 'float32'):
+               ema_decay: float = 0.0, compute_dtype: str = 'float32',
+               flip: jax.Array | None = None):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
@@ -107,8 +114,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   updates `state.ema_params` (`update_ema`). `compute_dtype` 'bfloat16' runs activations in
   bfloat16 (mixed precision); parameters, BatchNorm statistics, gradients and the loss stay
   float32. How layers compute (depthwise form, dropout masks) is the model's `layers.Options`.
+  `flip` (booleans, one per image) mirrors the images it marks before `augment` (the epoch's
+  alternating flip, `augment.alternating_flips`).
   """
   x = preprocess(images, mean, std)
+  if flip is not None:
+    x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
   if augment:
     x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
   # Augmentation runs in float32 so that both precisions see the same augmented images.
@@ -132,35 +143,42 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              mean: jax.Array, std: jax.Array, tta_flip: bool = False,
+              mean: jax.Array, std: jax.Array, tta_flip: bool = False, tta_translate: int = 0,
               compute_dtype: str = 'float32') -> jax.Array:
   """Sums of (loss, correct, count) over the masked examples of a batch.
 
-  Uses `state.ema_params` when the state has them. With `tta_flip` the logits are the mean of
-  the image's and its left-right mirror's (test-time augmentation). `compute_dtype` as in
-  `train_step`; the loss is float32.
+  Uses `state.ema_params` when the state has them; the views are `eval_logits`'.
+  `compute_dtype` as in `train_step`; the loss is float32.
   """
   logits = eval_logits(state, images, mean=mean, std=std, tta_flip=tta_flip,
-                       compute_dtype=compute_dtype)
+                       tta_translate=tta_translate, compute_dtype=compute_dtype)
   loss = cross_entropy_loss(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
 
 
 def eval_logits(state: TrainState, images: jax.Array, *, mean: jax.Array, std: jax.Array,
-                tta_flip: bool = False, compute_dtype: str = 'float32') -> jax.Array:
+                tta_flip: bool = False, tta_translate: int = 0,
+                compute_dtype: str = 'float32') -> jax.Array:
   """The logits that evaluation scores (`eval_step`; per-class results use them too).
 
-  `state.ema_params` in place of `state.params` when the state has them; with `tta_flip` the mean
-  of the image's and its left-right mirror's logits.
+  `state.ema_params` in place of `state.params` when the state has them. Test-time augmentation:
+  with `tta_flip` the mean of the image's and its left-right mirror's logits; with
+  `tta_translate` = t > 0 also airbench's multi-crop, 1/2 the image's (flip-averaged) logits plus
+  1/4 each of the image shifted by t pixels up-left and down-right (reflect-padded).
   """
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std, compute_dtype)
   apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
                                    train=False)
-  logits = apply(x)
-  if tta_flip:
-    logits = 0.5 * (logits + apply(x[:, :, ::-1, :]))
+  views = (lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1, :]))) if tta_flip else apply
+  logits = views(x)
+  if tta_translate:
+    t = tta_translate
+    _, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (t, t), (t, t), (0, 0)), mode='reflect')
+    logits = (0.5 * logits + 0.25 * views(padded[:, :h, :w]) +
+              0.25 * views(padded[:, 2 * t:2 * t + h, 2 * t:2 * t + w]))
   return logits
 
 
@@ -235,11 +253,14 @@ def make_recalibrate(mesh, *, num_batches: int, batch_size: int, num_examples: i
 
 
 def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, num_examples: int,
-                     seed_key: jax.Array, step_fn: Callable) -> Callable:
+                     seed_key: jax.Array, step_fn: Callable,
+                     alternate_flip: bool = False) -> Callable:
   """A jitted (state, images, labels, epoch) -> (state, per-step losses and accuracies).
 
   `images` and `labels` hold the training split on the devices (rows beyond `num_examples` are
-  padding, never drawn); each epoch draws a permutation of the `num_examples` rows.
+  padding, never drawn); each epoch draws a permutation of the `num_examples` rows. With
+  `alternate_flip`, `step_fn` gets `flip=` the batch's alternating flips
+  (`augment.alternating_flips`, one draw per seed).
   """
   batch_sharding = NamedSharding(mesh, P('batch'))
   replicated = NamedSharding(mesh, P())
@@ -250,11 +271,16 @@ def make_train_epoch(mesh, *, steps_per_epoch: int, batch_size: int, num_example
     batches = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     epoch_key = jax.random.fold_in(jax.random.fold_in(seed_key, STEP), epoch)
 
+    flips = (augment_lib.alternating_flips(jax.random.fold_in(seed_key, FLIP), num_examples,
+                                           epoch) if alternate_flip else None)
+
     def body(state, xs):
       step, idx = xs
       x = jax.lax.with_sharding_constraint(images[idx], batch_sharding)
       y = jax.lax.with_sharding_constraint(labels[idx], batch_sharding)
-      return step_fn(state, x, y, jax.random.fold_in(epoch_key, step))
+      extra = {} if flips is None else {
+          'flip': jax.lax.with_sharding_constraint(flips[idx], batch_sharding)}
+      return step_fn(state, x, y, jax.random.fold_in(epoch_key, step), **extra)
 
     state, metrics = jax.lax.scan(body, state, (jnp.arange(steps_per_epoch), batches))
     return state, jax.lax.with_sharding_constraint(metrics, replicated)

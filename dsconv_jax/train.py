@@ -162,8 +162,9 @@ def _report_model(description: experiment_lib.ModelDescription, data: experiment
     raise UserError(f'model {config.model!r} violates the configured constraints: '
                     + '; '.join(report.violations))
   if is_writer:
-    warning = batch_norm_warmup_warning(description.model, data.image_shape,
-                                        len(data.train.labels) // config.batch_size)
+    # Recomputed statistics (PreciseBN) do not depend on the moving averages: nothing to warn of.
+    warning = None if config.get('bn_recalibrate_batches', 0) else batch_norm_warmup_warning(
+        description.model, data.image_shape, len(data.train.labels) // config.batch_size)
     if warning:
       print(warning, flush=True)
     _check_run_identity(workdir, {
@@ -198,9 +199,10 @@ def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str |
   return (f'warning: BatchNorm momentum {momentum} over {steps_per_epoch} steps per epoch leaves '
           f'{100 * share:.0f}% of the initial moving statistics in place at the first evaluation '
           f'(about {needed} steps are needed to forget them), so validation accuracy will read '
-          'near chance until then; use --config.bn_momentum=0.9, more training data, a smaller '
-          'batch, or --config.bn_recalibrate_batches=20 (statistics recomputed before each '
-          'evaluation)')
+          'near chance until then; use '
+          + ('--config.bn_momentum=0.9, ' if momentum > 0.9 else '')
+          + 'more training data, a smaller batch, or --config.bn_recalibrate_batches=20 '
+          '(statistics recomputed before each evaluation)')
 
 
 def _model_table(description: experiment_lib.ModelDescription, data: experiment_lib.Data) -> str:
@@ -276,6 +278,9 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
     # Reported beside test_accuracy, never in its place: the sources evaluated single views.
     extra['test_accuracy_tta_flip'] = float(steps.host_value(
         exp.evaluate_tta_flip(state, *exp.put_split(test))['accuracy']))
+  if exp.evaluate_tta_multicrop is not None:
+    extra['test_accuracy_tta_multicrop'] = float(steps.host_value(
+        exp.evaluate_tta_multicrop(state, *exp.put_split(test))['accuracy']))
   best = max(history, key=lambda r: r['val_accuracy'])
   width = exp.description.width
   matrix = confusion_lib.experiment_confusion(exp, state, test)

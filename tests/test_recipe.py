@@ -1,6 +1,7 @@
 """The recipe options of the project's own models, each off by default: schedules with warm-up,
 AdamW / Nesterov SGD, weight decay that skips BatchNorm parameters and biases, label smoothing,
-an EMA of the weights used for evaluation, and test-time flip averaging."""
+an EMA of the weights used for evaluation, test-time flip and multi-crop averaging, a BatchNorm
+bias learning-rate multiplier and identity (Dirac) initialisation."""
 
 import functools
 import json
@@ -213,6 +214,21 @@ def test_train_step_updates_ema_only_when_enabled():
                                                    jax.tree.leaves(state.params)))
 
 
+def test_train_step_mirrors_the_images_its_flip_marks():
+  images = jax.random.randint(jax.random.key(1), (4, 8, 8, 3), 0, 255).astype(jnp.uint8)
+  labels, key = jnp.array([0, 1, 2, 0]), jax.random.key(2)
+  kwargs = dict(mean=jnp.zeros(3), std=jnp.full(3, 255.0))
+  marks = jnp.array([True, False, True, False])
+  mirrored = jnp.where(marks[:, None, None, None], images[:, :, ::-1], images)
+  flipped, _ = steps.train_step(tiny_state(False), images, labels, key, flip=marks, **kwargs)
+  expected, _ = steps.train_step(tiny_state(False), mirrored, labels, key, **kwargs)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               flipped.params, expected.params)
+  plain, _ = steps.train_step(tiny_state(False), images, labels, key, **kwargs)
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(plain.params),
+                                                   jax.tree.leaves(expected.params)))
+
+
 def test_evaluation_uses_the_ema_params():
   state = tiny_state(True)
   # Zero EMA weights give all-zero logits: loss log(3) per example, whatever the params say.
@@ -248,6 +264,111 @@ def test_tta_flip_averages_the_mirror_and_is_exact_on_symmetric_images():
     assert not np.isclose(tta[0], steps.eval_step(state, view, labels, mask, **kwargs)[0])
 
 
+def test_tta_multicrop_weights_the_image_and_two_shifted_views():
+  state = tiny_state(False)
+  kwargs = dict(mean=jnp.zeros(3), std=jnp.full(3, 255.0))
+  images = jax.random.randint(jax.random.key(5), (4, 8, 8, 3), 0, 255).astype(jnp.uint8)
+  apply = lambda x: state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x)
+  x = steps.preprocess(images, **kwargs)
+  padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)), mode='reflect')
+  up_left, down_right = padded[:, :8, :8], padded[:, 4:12, 4:12]
+  expected = 0.5 * apply(x) + 0.25 * apply(up_left) + 0.25 * apply(down_right)
+  np.testing.assert_allclose(steps.eval_logits(state, images, tta_translate=2, **kwargs),
+                             expected, rtol=1e-5, atol=1e-6)
+  flipped = lambda v: 0.5 * (apply(v) + apply(v[:, :, ::-1]))
+  expected = 0.5 * flipped(x) + 0.25 * flipped(up_left) + 0.25 * flipped(down_right)
+  np.testing.assert_allclose(
+      steps.eval_logits(state, images, tta_flip=True, tta_translate=2, **kwargs), expected,
+      rtol=1e-5, atol=1e-6)
+
+
+def test_multiview_evaluation_batches_divide_the_padded_split():
+  # Six views of 1000 images at once took over 20 GB on the CPU: the batch shrinks by the views.
+  assert experiment._view_batch_size(1000, 6, 1) == 125
+  assert experiment._view_batch_size(1000, 2, 1) == 500
+  assert experiment._view_batch_size(1000, 6, 8) == 40
+  assert experiment._view_batch_size(16, 6, 1) == 2
+
+
+def test_bad_tta_translate_is_a_user_error():
+  config = get_testing_config()
+  for bad in (-1, 9):
+    config.tta_translate = bad
+    with pytest.raises(UserError, match='config.tta_translate'):
+      experiment.validate_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation and per-parameter learning rates.
+
+
+def test_batch_norm_bias_lr_multiplier_scales_only_batch_norm_biases():
+  params = {'BatchNorm_0': {'bn': {'bias': jnp.ones(3), 'scale': jnp.ones(3)}},
+            'PointwiseConv2D_0': {'kernel': jnp.ones((1, 1, 3, 3)), 'bias': jnp.ones(3)},
+            'batch_normalization': {'bias': jnp.ones(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  config = get_config()
+  config.optimizer, config.momentum, config.weight_decay = 'sgd', 0.0, 0.0
+  constant = lambda step: 0.1
+  plain, _ = optim.create_optimizer(config, constant).update(
+      grads, optim.create_optimizer(config, constant).init(params), params)
+  config.bn_bias_lr_multiplier = 4.0
+  tx = optim.create_optimizer(config, constant)
+  scaled, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(scaled['BatchNorm_0']['bn']['bias'], 4 * plain['BatchNorm_0']['bn']['bias'])
+  np.testing.assert_allclose(scaled['batch_normalization']['bias'], -0.4 * np.ones(2))
+  for path in (('BatchNorm_0', 'bn', 'scale'), ('PointwiseConv2D_0', 'kernel'),
+               ('PointwiseConv2D_0', 'bias')):
+    get = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
+    np.testing.assert_allclose(get(scaled), get(plain))
+  config.bn_bias_lr_multiplier = 0.0
+  with pytest.raises(UserError, match='bn_bias_lr_multiplier'):
+    optim.create_optimizer(config, constant)
+
+
+def test_dirac_init_makes_widening_convs_pass_their_input_through():
+  model = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=2)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
+  dirac = layers.dirac_init(params)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 5, 8))
+  # Pointwise 8 -> 16: the first 8 outputs are the input, the other 8 keep their random filters.
+  kernel = dirac['PointwiseConv2D_3']['kernel']
+  assert kernel.shape == (1, 1, 8, 16)
+  y = jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0])
+  np.testing.assert_allclose(y[..., :8], x, atol=1e-6)
+  np.testing.assert_array_equal(kernel[..., 8:], params['PointwiseConv2D_3']['kernel'][..., 8:])
+  # Depthwise (3, 3, C, 1): the first half of the channels are the centre tap, the rest random.
+  depthwise, original = dirac['DepthwiseConv2D_1']['kernel'], params['DepthwiseConv2D_1']['kernel']
+  centre = np.zeros((3, 3)); centre[1, 1] = 1
+  for c in range(4):
+    np.testing.assert_array_equal(depthwise[:, :, c, 0], centre)
+  np.testing.assert_array_equal(depthwise[:, :, 4:], original[:, :, 4:])
+  # The classes layer (16 -> 10 here: narrowing) keeps its random kernel; BatchNorm is untouched.
+  head = max((k for k in params if k.startswith('PointwiseConv2D')), key=lambda k: int(k.split('_')[1]))
+  np.testing.assert_array_equal(dirac[head]['kernel'], params[head]['kernel'])
+  jax.tree.map(np.testing.assert_array_equal, dirac['BatchNorm_0'], params['BatchNorm_0'])
+
+
+def test_dirac_init_reaches_the_train_state(image_folder):
+  config = recipe_config(image_folder, 1)
+  config.model = 'dsresnet'
+  config.model_kwargs = {'widths': (8, 16), 'blocks': (1, 1), 'stem_multiplier': 2}
+  data = experiment.load_data(config)
+  state = experiment.create_experiment(config, data).state
+  kernel = np.asarray(state.params['PointwiseConv2D_1']['kernel'][0, 0])  # 8 -> 8
+  np.testing.assert_array_equal(kernel, np.eye(8))
+
+
+def test_dsresnet_kernel_size_widens_every_depthwise_filter():
+  base = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=2)
+  k5 = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=2,
+                           kernel_size=5)
+  shapes = lambda m: {k: v['kernel'].shape for k, v in m.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params'].items() if k.startswith('Depth')}
+  assert all(s[:2] == (3, 3) for s in shapes(base).values())
+  assert all(s[:2] == (5, 5) for s in shapes(k5).values())
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: every option at once, resumed exactly, tta key beside the plain test accuracy.
 
@@ -265,7 +386,10 @@ def recipe_config(folder, num_epochs):
   config.label_smoothing = 0.1
   config.ema_decay = 0.9
   config.tta_flip = True
-  config.augment = 'crop,flip'
+  config.tta_translate = 1
+  config.augment = 'crop,altflip,cutout'
+  config.dirac_init = True
+  config.bn_bias_lr_multiplier = 4.0
   return config
 
 
@@ -291,6 +415,8 @@ def test_full_recipe_trains_resumes_exactly_and_reports_tta(tmp_path, image_fold
   assert rows(straight) == rows(resumed)  # EMA params are restored with the rest of the state.
   assert 0.0 <= summary['test_accuracy_tta_flip'] <= 1.0
   assert resumed_summary['test_accuracy_tta_flip'] == summary['test_accuracy_tta_flip']
+  assert 0.0 <= summary['test_accuracy_tta_multicrop'] <= 1.0
+  assert resumed_summary['test_accuracy_tta_multicrop'] == summary['test_accuracy_tta_multicrop']
   assert summary['test_accuracy'] == rows(straight)[-1]['val_accuracy']
   # 36 images, batch 8: 4 steps per epoch. Each epoch reports its first step's rate: 1/4 of the
   # peak in the warm-up (epoch 1), the peak where the cosine starts (epoch 2).

@@ -200,12 +200,23 @@ def test_batch_norm_warmup_warning_names_momentum_steps_and_the_way_out():
   assert train.batch_norm_warmup_warning(tiny, (32, 32, 3), steps_per_epoch=400) is None
   fast = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=1)
   assert train.batch_norm_warmup_warning(fast, (32, 32, 3), steps_per_epoch=40) is None
+  # Already at 0.9 but too few steps: the advice does not repeat the momentum it has.
+  warning = train.batch_norm_warmup_warning(fast, (32, 32, 3), steps_per_epoch=8)
+  assert warning.startswith('warning: BatchNorm momentum 0.9 over 8 steps')
+  assert '--config.bn_momentum' not in warning and '--config.bn_recalibrate_batches=20' in warning
 
 
 def test_short_run_prints_the_warning_on_its_own_line(tmp_path, image_folder, capsys):
   train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
   lines = capsys.readouterr().out.splitlines()
   assert sum(l.startswith('warning: BatchNorm momentum 0.99 over 4 steps') for l in lines) == 1
+
+
+def test_no_warmup_warning_when_statistics_are_recomputed(tmp_path, image_folder, capsys):
+  config = config_for(image_folder)
+  config.bn_recalibrate_batches = 2
+  train.train_and_evaluate(config, str(tmp_path / 'run'), quiet=True)
+  assert 'warning: BatchNorm' not in capsys.readouterr().out
 
 
 def test_a_failed_start_leaves_no_workdir(tmp_path, image_folder):
