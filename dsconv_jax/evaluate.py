@@ -26,7 +26,8 @@ from dsconv_jax import confusion
 from dsconv_jax import data as data_lib
 from dsconv_jax.errors import UsageError, UserError, run_cli
 
-USAGE = 'python -m dsconv_jax.evaluate --workdir=DIR [--dataset=folder:ROOT] [--out=PNG]'
+USAGE = ('python -m dsconv_jax.evaluate --workdir=DIR [--dataset=folder:ROOT] [--out=PNG] '
+         '[--tta_flip] [--tta_translate=T]')
 
 
 def load_split(run, dataset: str | None = None) -> tuple[data_lib.Split, str]:
@@ -67,19 +68,28 @@ def load_split(run, dataset: str | None = None) -> tuple[data_lib.Split, str]:
   return other.test, other.source
 
 
-def evaluate(run, dataset: str | None = None, batch_size: int = 256) -> dict[str, Any]:
-  """Evaluates `run` on its test split or `dataset`'s: matrix, accuracy, per-class accuracy."""
+def evaluate(run, dataset: str | None = None, batch_size: int = 256, tta_flip: bool = False,
+             tta_translate: int = 0) -> dict[str, Any]:
+  """Evaluates `run` on its test split or `dataset`'s: matrix, accuracy, per-class accuracy
+  (with test-time augmentation as `tta_flip` / `tta_translate` say, as in training's config)."""
   split, source = load_split(run, dataset)
-  predicted = run.logits(split.images, batch_size=batch_size).argmax(-1)
+  predicted = run.logits(split.images, batch_size=batch_size, tta_flip=tta_flip,
+                         tta_translate=tta_translate).argmax(-1)
   matrix = confusion.from_predictions(split.labels, predicted, run.num_classes)
   # Another dataset is its test split when it has one (a tfds name, ROOT/test/), else all of it.
   own = not dataset
   description = (f'the test split of {source}' if own or not source.startswith('folder:')
                  else source)
   return {'matrix': matrix, 'source': source, 'own_test_split': own,
+          'tta': _tta_name(tta_flip, tta_translate),
           'description': description, 'examples': int(matrix.sum()),
           'correct': int(np.trace(matrix)), 'accuracy': confusion.accuracy(matrix),
           'per_class': confusion.per_class_accuracy(matrix, run.class_names)}
+
+
+def _tta_name(tta_flip: bool, tta_translate: int) -> str:
+  views = (['flip'] if tta_flip else []) + ([f'translate {tta_translate}'] if tta_translate else [])
+  return ' + '.join(views)
 
 
 def default_out(workdir: str, dataset: str | None) -> str:
@@ -94,8 +104,11 @@ def report(run, result: dict[str, Any], pairs: int) -> str:
   lines = [f'{result["description"]}: {result["examples"]} images, run {run.workdir} (epoch '
            f'{run.epoch}{", EMA weights" if run.ema else ""})',
            f'accuracy {100 * result["accuracy"]:.2f}% ({result["correct"]}/{result["examples"]})']
-  if result['own_test_split'] and 'test_accuracy' in run.summary:
-    lines[-1] += f'; the run recorded {100 * run.summary["test_accuracy"]:.2f}%'
+  recorded = 'test_accuracy' + {'': '', 'flip': '_tta_flip'}.get(result['tta'], '_tta_multicrop')
+  if result['tta']:
+    lines[-1] += f' with test-time augmentation ({result["tta"]})'
+  if result['own_test_split'] and recorded in run.summary:
+    lines[-1] += f'; the run recorded {100 * run.summary[recorded]:.2f}%'
   return '\n'.join(lines) + '\n\n' + confusion.markdown(result['matrix'], run.class_names, pairs)
 
 
@@ -120,18 +133,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help='the confusion matrix PNG (default: in the workdir)')
   parser.add_argument('--pairs', type=int, default=5, metavar='N',
                       help='most confused pairs listed (default 5)')
+  parser.add_argument('--tta_flip', action='store_true',
+                      help="average each image's and its mirror's logits")
+  parser.add_argument('--tta_translate', type=int, default=0, metavar='T',
+                      help='multi-crop: also the image shifted T pixels up-left and down-right '
+                      '(airbench: 1; default 0, off)')
   parser.add_argument('--batch_size', type=int, default=256, metavar='N',
                       help='images per compiled batch (default 256)')
 
   def body():
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.pairs < 0:
-      raise UsageError('--batch_size must be at least 1 and --pairs at least 0')
+    if args.batch_size < 1 or args.pairs < 0 or not 0 <= args.tta_translate <= 8:
+      raise UsageError('--batch_size must be at least 1, --pairs at least 0 and --tta_translate '
+                       'in 0..8')
     from dsconv_jax import inference  # Here: argument mistakes are reported without JAX.
     run = inference.load_run(args.workdir)
     out = args.out or default_out(args.workdir, args.dataset)
     inference.check_writable(out, '--out')
-    result = evaluate(run, args.dataset, args.batch_size)
+    result = evaluate(run, args.dataset, args.batch_size, args.tta_flip, args.tta_translate)
     print(report(run, result, args.pairs), end='', flush=True)
     name = os.path.basename(os.path.normpath(result['source'].split(':', 1)[-1]))
     try:

@@ -64,12 +64,14 @@ class Run:
   def __post_init__(self):
     model, dtype = self.model, self.config.get('compute_dtype', 'float32')
 
-    def logits(variables, images, mean, std):
+    def logits(variables, images, mean, std, tta_flip=False, tta_translate=0):
       # The run's evaluation (`steps.eval_logits`), in the run's compute dtype.
       x = steps.preprocess(images, mean, std, dtype)
-      return model.apply(variables, x, train=False).astype(jnp.float32)
+      apply = lambda x: model.apply(variables, x, train=False)
+      return steps.tta_logits(apply, x, tta_flip=tta_flip,
+                              tta_translate=tta_translate).astype(jnp.float32)
 
-    self._logits = jax.jit(logits)
+    self._logits = jax.jit(logits, static_argnames=('tta_flip', 'tta_translate'))
     self._probabilities = jax.jit(lambda *args: jax.nn.softmax(logits(*args), axis=-1))
 
   def __repr__(self) -> str:
@@ -81,9 +83,13 @@ class Run:
   def num_classes(self) -> int:
     return len(self.class_names)
 
-  def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """float32 [N, classes] logits of uint8 [N, H, W, C] images, in batches of `batch_size`."""
-    return self._batched(self._logits, images, batch_size)
+  def logits(self, images: np.ndarray, batch_size: int = 256, tta_flip: bool = False,
+             tta_translate: int = 0) -> np.ndarray:
+    """float32 [N, classes] logits of uint8 [N, H, W, C] images, in batches of `batch_size`;
+    optionally with test-time augmentation (`steps.eval_logits`: the training config's
+    `tta_flip` / `tta_translate`)."""
+    fn = functools.partial(self._logits, tta_flip=bool(tta_flip), tta_translate=int(tta_translate))
+    return self._batched(fn, images, batch_size)
 
   def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """float32 [N, classes] class probabilities (softmax) of uint8 [N, H, W, C] images."""

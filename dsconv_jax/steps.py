@@ -171,6 +171,13 @@ def eval_logits(state: TrainState, images: jax.Array, *, mean: jax.Array, std: j
   x = preprocess(images, mean, std, compute_dtype)
   apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
                                    train=False)
+  return tta_logits(apply, x, tta_flip=tta_flip, tta_translate=tta_translate)
+
+
+def tta_logits(apply: Callable[[jax.Array], jax.Array], x: jax.Array, *, tta_flip: bool = False,
+               tta_translate: int = 0) -> jax.Array:
+  """`apply`'s logits of the preprocessed batch `x` under the test-time augmentation of
+  `eval_logits` (also `inference.Run.logits`'s)."""
   views = (lambda x: 0.5 * (apply(x) + apply(x[:, :, ::-1, :]))) if tta_flip else apply
   logits = views(x)
   if tta_translate:

@@ -38,6 +38,8 @@ def trained(tmp_path_factory):
   config.eval_examples = 0
   config.ema_decay = 0.9
   config.bn_recalibrate_batches = 2
+  config.tta_flip = True
+  config.tta_translate = 1
   workdir = str(root / 'run')
   summary = train.train_and_evaluate(config, workdir, quiet=True)
   return workdir, folder, summary
@@ -209,6 +211,24 @@ def test_evaluate_reproduces_the_runs_test_accuracy_per_class(trained, run, caps
     assert f'| {pair["true"]} | {pair["predicted"]} | {pair["count"]} |' in out
   with open(out_png, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
+
+
+def test_evaluate_with_tta_reproduces_the_runs_tta_accuracies(trained, run, capsys):
+  workdir, _, summary = trained
+  for flags, key in (([ '--tta_flip'], 'test_accuracy_tta_flip'),
+                     (['--tta_flip', '--tta_translate=1'], 'test_accuracy_tta_multicrop')):
+    result = evaluate.evaluate(run, tta_flip=True, tta_translate=1 if len(flags) == 2 else 0)
+    assert result['accuracy'] == pytest.approx(summary[key])
+    code, out, err = call_main(evaluate.main, [f'--workdir={workdir}', *flags], capsys)
+    assert code == 0, err
+    assert f'with test-time augmentation ({result["tta"]}); the run recorded ' \
+           f'{100 * summary[key]:.2f}%' in out
+  # The views differ: on these images at least one TTA changes some logits.
+  plain = run.logits(run.dataset().test.images)
+  assert not np.allclose(plain, run.logits(run.dataset().test.images, tta_flip=True,
+                                           tta_translate=1))
+  code, _, err = call_main(evaluate.main, [f'--workdir={workdir}', '--tta_translate=9'], capsys)
+  assert code == 2 and '--tta_translate' in err
 
 
 def test_evaluate_another_folder_of_other_sizes_and_modes(trained, run, capsys, tmp_path):
