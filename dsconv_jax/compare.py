@@ -3,7 +3,7 @@
 Each DIR is a workdir of `dsconv_jax.main` (metrics.jsonl and summary.json). Writes PATH, a PNG of
 the runs' loss and accuracy curves overlaid (one colour per run, labelled by directory name), and
 PATH with a .md suffix, a markdown table of their summaries (parameters, max val accuracy and its
-epoch, test accuracy, training time), and prints the table. A missing DIR or one that is not a
+epoch, test accuracy, training time, the late dip of the validation curve), and prints the table. A missing DIR or one that is not a
 finished run is a one-line error with exit status 1; command-line mistakes exit with status 2.
 """
 
@@ -57,23 +57,28 @@ def run_labels(directories: Sequence[str]) -> list[str]:
       depth[i] += 1
 
 
-def markdown_table(labels: Sequence[str], summaries: Sequence[dict[str, Any]]) -> str:
-  """One row per run: parameters, max val accuracy and its epoch, test accuracy, training time."""
+def markdown_table(labels: Sequence[str], summaries: Sequence[dict[str, Any]],
+                   metrics: Sequence[Sequence[dict[str, Any]]]) -> str:
+  """One row per run: parameters, max val accuracy and its epoch, test accuracy, training time,
+  and the late dip (`reporting.late_dip`: how far validation accuracy sagged in the last third
+  below its best before, in points; a healthy curve has 0 or a fraction of a point)."""
 
   def get(summary, key, fmt):
     value = summary.get(key)
     return '-' if value is None else fmt(value)
 
-  lines = ['| run | params | max val acc | best epoch | test acc | train s | epochs |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
-  for label, s in zip(labels, summaries):
+  lines = ['| run | params | max val acc | best epoch | test acc | train s | epochs | late dip |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for label, s, rows in zip(labels, summaries, metrics):
+    dip = reporting.late_dip(rows)
     cells = [label.replace('|', '\\|'),
              get(s, 'params_total', lambda v: f'{v:,}'),
              get(s, 'max_val_accuracy', lambda v: f'{100 * v:.2f}%'),
              get(s, 'best_epoch', str),
              get(s, 'test_accuracy', lambda v: f'{100 * v:.2f}%'),
              get(s, 'train_seconds', lambda v: f'{v:.1f}'),
-             get(s, 'epochs', str)]
+             get(s, 'epochs', str),
+             '-' if dip is None else f'{100 * dip:.2f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -95,7 +100,7 @@ def compare(directories: Sequence[str], out: str) -> dict[str, Any]:
     raise UsageError(f'--out={out} would be overwritten by the table; name a .png file')
   runs = [load_run(d) for d in directories]
   labels = run_labels(directories)
-  table = markdown_table(labels, [summary for _, summary in runs])
+  table = markdown_table(labels, [summary for _, summary in runs], [rows for rows, _ in runs])
   with fileio.writing(f'{out!r} and {table_path(out)!r}'):
     lines = reporting.plot_curves(list(zip(labels, [rows for rows, _ in runs])), out,
                                   title=' vs '.join(labels) if len(labels) <= 4 else '')

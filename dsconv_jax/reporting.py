@@ -99,6 +99,25 @@ def _isatty(stream: TextIO) -> bool:
     return False
 
 
+def late_dip(rows: Sequence[dict[str, Any]], fraction: float = 1 / 3) -> float | None:
+  """How far (in accuracy, 0..1) validation accuracy falls in the last `fraction` of a run's
+  epochs below the best it reached before each of them; 0 for a curve that never sags there.
+
+  Issue 16's 50-epoch DS-ResNet fell from 83.66% to 72.8% over epochs 39-45 (a dip of 0.109)
+  because its EMA weights were evaluated with other weights' BatchNorm statistics; None for runs
+  of fewer than 3 epochs.
+  """
+  values = [r['val_accuracy'] for r in rows]
+  if len(values) < 3:
+    return None
+  start = len(values) - max(1, round(fraction * len(values)))
+  best, dip = max(values[:start]), 0.0
+  for v in values[start:]:
+    dip = max(dip, best - v)
+    best = max(best, v)
+  return dip
+
+
 def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
                 title: str = '') -> int:
   """Loss and accuracy per epoch, train (dashed) and validation (solid), one colour per run.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dsconv_jax import compare
+from dsconv_jax import compare, reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -50,12 +50,25 @@ def test_compare_writes_overlaid_curves_and_a_table_of_the_summaries(tmp_path, t
     with open(os.path.join(run, 'summary.json')) as f:
       s = json.load(f)
     cells = [c.strip() for c in row]
+    with open(os.path.join(run, 'metrics.jsonl')) as f:
+      dip = reporting.late_dip([json.loads(line) for line in f])
     assert cells[1:] == [f'{s["params_total"]:,}', f'{100 * s["max_val_accuracy"]:.2f}%',
                          str(s['best_epoch']), f'{100 * s["test_accuracy"]:.2f}%',
-                         f'{s["train_seconds"]:.1f}', str(s['epochs'])]
+                         f'{s["train_seconds"]:.1f}', str(s['epochs']),
+                         '-' if dip is None else f'{100 * dip:.2f}']
   # In-process: two runs draw twice the lines of one.
   assert compare.compare(two_runs, str(tmp_path / 'two.png'))['lines'] == 8
   assert compare.compare(two_runs[:1], str(tmp_path / 'one.png'))['lines'] == 4
+
+
+def test_late_dip_measures_the_sag_of_the_last_third():
+  curve = lambda *vals: [{'val_accuracy': v} for v in vals]
+  # 9 epochs: the last 3 are judged against the best before each of them.
+  assert reporting.late_dip(curve(.5, .6, .7, .72, .74, .75, .76, .77, .78)) == 0.0
+  assert reporting.late_dip(curve(.5, .6, .7, .72, .74, .80, .70, .77, .79)) == pytest.approx(.10)
+  # A new best inside the last third raises the bar for the epochs after it.
+  assert reporting.late_dip(curve(.5, .6, .7, .72, .74, .75, .80, .76, .81)) == pytest.approx(.04)
+  assert reporting.late_dip(curve(.5, .6)) is None
 
 
 def test_labels_tell_equal_directory_names_apart():

@@ -1,0 +1,82 @@
+"""The recipe table of issue 16: finished runs side by side with their difference to a baseline.
+
+    python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] [--labels=a,b,...] > table.md
+
+For each run: what it changes against the baseline's config (keys whose values differ, read from
+summary.json), parameters, max validation accuracy (epoch), final test accuracy, the flip and
+multi-crop test-time-augmented accuracies when the run reports them, the final training accuracy
+(metrics.jsonl, augmented batches), training seconds, and the test accuracy's difference to the
+baseline's in points. A run that reports no multi-crop accuracy gets the one `--multicrop
+DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR --tta_flip
+--tta_translate=1`), marked with an asterisk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Keys that name where a run lives or how it reports, not what it trains.
+IGNORED = {'cache_dir', 'data_dir', 'dataset', 'tta_flip', 'tta_translate', 'checkpoint_keep',
+           'deterministic'}
+
+
+def flatten(config: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def load(directory: str) -> tuple[dict, list[dict]]:
+  with open(os.path.join(directory, 'summary.json')) as f:
+    summary = json.load(f)
+  with open(os.path.join(directory, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return summary, rows
+
+
+def changes(config: dict, baseline: dict) -> str:
+  a, b = flatten(config), flatten(baseline)
+  keys = sorted(k for k in set(a) | set(b)
+                if k.split('.')[0] not in IGNORED and a.get(k) != b.get(k))
+  return ', '.join(f'{k}={a.get(k)!r}' for k in keys) or '(baseline)'
+
+
+def pct(x) -> str:
+  return '' if x is None else f'{100 * x:.2f}%'
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('baseline')
+  parser.add_argument('dirs', nargs='*')
+  parser.add_argument('--multicrop', action='append', default=[], metavar='DIR=ACC')
+  args = parser.parse_args(argv)
+  extra = {os.path.normpath(k): float(v) for k, v in (m.split('=', 1) for m in args.multicrop)}
+  base_summary, _ = load(args.baseline)
+  print('| run | change against the baseline | params | max val (epoch) | test | flip TTA | '
+        'multi-crop TTA | train acc | seconds | test - baseline |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  for directory in [args.baseline, *args.dirs]:
+    summary, rows = load(directory)
+    multicrop = summary.get('test_accuracy_tta_multicrop')
+    mark = ''
+    if multicrop is None and os.path.normpath(directory) in extra:
+      multicrop, mark = extra[os.path.normpath(directory)], '*'
+    delta = 100 * (summary['test_accuracy'] - base_summary['test_accuracy'])
+    print(f'| `{os.path.basename(os.path.normpath(directory))}` | '
+          f'{changes(summary["config"], base_summary["config"])} | {summary["params_total"]:,} | '
+          f'{pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
+          f'{pct(summary["test_accuracy"])} | {pct(summary.get("test_accuracy_tta_flip"))} | '
+          f'{pct(multicrop)}{mark} | {pct(rows[-1]["train_accuracy"])} | '
+          f'{summary["train_seconds"]:,.0f} | {delta:+.2f} |')
+
+
+if __name__ == '__main__':
+  sys.exit(main())
