@@ -316,6 +316,26 @@ def declares(make: Callable[..., nn.Module], field: str) -> bool:
   return dataclasses.is_dataclass(make) and any(f.name == field for f in dataclasses.fields(make))
 
 
+def kwargs_with_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`kwargs` plus the defaults of model `name`'s other plain fields (numbers, strings, tuples of
+  them), so that two runs built alike compare equal however their configs spelled it (a config
+  that names a default, like configs/dsresnet.py's architecture, against one that leaves it out).
+  """
+  make = model_constructor(name)
+  while isinstance(make, functools.partial):
+    kwargs = {**make.keywords, **kwargs}
+    make = make.func
+  plain = lambda v: (isinstance(v, (int, float, str, bool)) or
+                     (isinstance(v, tuple) and all(isinstance(x, (int, float, str)) for x in v)))
+  out = dict(kwargs)
+  if dataclasses.is_dataclass(make):
+    for f in dataclasses.fields(make):
+      if (f.name not in out and f.name not in ('parent', 'name')
+          and f.default is not dataclasses.MISSING and plain(f.default)):
+        out[f.name] = f.default
+  return out
+
+
 def options_from_config(config) -> Options:
   """The layers' `Options` the config asks for (config.depthwise_impl, config.dropout_impl)."""
   try:

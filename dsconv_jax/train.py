@@ -27,6 +27,7 @@ from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import confusion as confusion_lib
 from dsconv_jax import experiment as experiment_lib
 from dsconv_jax import fileio
+from dsconv_jax import models
 from dsconv_jax import reporting
 from dsconv_jax import steps
 from dsconv_jax import stopping
@@ -50,14 +51,28 @@ def _prepare_workdir(workdir: str) -> None:
 
 
 def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
-  """Refuses to resume a workdir that belongs to a different model or dataset."""
+  """Refuses to resume a workdir that belongs to a different model or dataset.
+
+  model_kwargs compare with the model's defaults filled in (`models.kwargs_with_defaults`).
+  """
   path = os.path.join(workdir, 'run.json')
-  identity = json.loads(json.dumps(identity))  # As run.json holds it (tuples as lists).
+  as_json = lambda value: json.loads(json.dumps(value))  # As run.json holds it (tuples as lists).
+  identity = as_json(identity)
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
+
+    def same(key, value):
+      if key != 'model_kwargs' or previous.get('model') != identity.get('model'):
+        return previous.get(key) == value
+      try:
+        fill = lambda kw: as_json(models.kwargs_with_defaults(identity['model'], kw or {}))
+        return fill(previous.get(key)) == fill(value)
+      except UserError:  # An import-path model that no longer imports: compare as written.
+        return previous.get(key) == value
+
     diffs = [f'{k}: {previous.get(k)!r} there, {v!r} now' for k, v in identity.items()
-             if previous.get(k) != v]
+             if not same(k, v)]
     if diffs:
       raise UserError(f'workdir {workdir!r} holds a run of a different configuration ('
                       + '; '.join(diffs) + '); use a new --workdir')

@@ -213,6 +213,16 @@ def test_a_run_with_tuple_model_kwargs_is_its_own_run_when_resumed(tmp_path):
     train._check_run_identity(str(tmp_path), {**identity, 'model_kwargs': {'widths': (32, 65)}})
 
 
+def test_model_kwargs_that_name_the_defaults_resume_a_run_that_left_them_out(tmp_path):
+  # A dsresnet run started before configs/dsresnet.py spelled its architecture out resumes.
+  train._check_run_identity(str(tmp_path), {'model': 'dsresnet', 'model_kwargs': {}})  # pylint: disable=protected-access
+  spelled = {'widths': (40, 80, 160), 'blocks': (1, 1, 1), 'stem_multiplier': 8, 'kernel_size': 3}
+  train._check_run_identity(str(tmp_path), {'model': 'dsresnet', 'model_kwargs': spelled})  # pylint: disable=protected-access
+  with pytest.raises(UserError, match='different configuration'):
+    train._check_run_identity(str(tmp_path), {  # pylint: disable=protected-access
+        'model': 'dsresnet', 'model_kwargs': {**spelled, 'kernel_size': 5}})
+
+
 def test_build_model_gives_each_model_only_the_fields_it_declares(user_module):
   user_module('byom_fields_nets')
   config = get_config()
