@@ -80,6 +80,21 @@ def test_four_devices_match_one_device(folder, one_device_run, tmp_path):
   _assert_close(_metrics(tmp_path / 'run'), one_device_run)
 
 
+def test_epoch_drawn_flips_and_multicrop_tta_match_on_four_devices(folder, tmp_path):
+  # altflip's per-image flips are gathered with the batch's rows on the mesh; the multi-crop
+  # evaluation runs in its own, smaller batches.
+  extra = ('--config.augment=crop,altflip', '--config.tta_flip=True', '--config.tta_translate=1')
+  runs = {}
+  for devices in (1, 4):
+    workdir = tmp_path / f'run{devices}'
+    _finish(_main(folder, workdir, _env(devices), *extra))
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      runs[devices] = (_metrics(workdir), json.load(f))
+  _assert_close(runs[4][0], runs[1][0])
+  assert runs[4][1]['test_accuracy_tta_multicrop'] == pytest.approx(
+      runs[1][1]['test_accuracy_tta_multicrop'], abs=1e-6)
+
+
 def test_two_processes_match_one_process(folder, one_device_run, tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
