@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # Keys that name where a run lives or how it reports, not what it trains.
 IGNORED = {'cache_dir', 'data_dir', 'dataset', 'tta_flip', 'tta_translate', 'checkpoint_keep',
            'deterministic'}
@@ -41,8 +43,19 @@ def load(directory: str) -> tuple[dict, list[dict]]:
   return summary, rows
 
 
+def resolved(config: dict) -> dict:
+  """`config` flattened, with the project's defaults (and the model's) for keys it lacks: runs
+  recorded before a key existed ran with its default."""
+  from dsconv_jax import defaults, models
+  out = flatten(defaults.get_config().to_dict())
+  out.update(flatten(config))
+  kwargs = models.kwargs_with_defaults(config['model'], dict(config.get('model_kwargs') or {}))
+  out.update(flatten({'model_kwargs': kwargs}))
+  return out
+
+
 def changes(config: dict, baseline: dict) -> str:
-  a, b = flatten(config), flatten(baseline)
+  a, b = resolved(config), resolved(baseline)
   keys = sorted(k for k in set(a) | set(b)
                 if k.split('.')[0] not in IGNORED and a.get(k) != b.get(k))
   return ', '.join(f'{k}={a.get(k)!r}' for k in keys) or '(baseline)'
