@@ -81,7 +81,8 @@ def evaluate(run, dataset: str | None = None, batch_size: int = 256, tta_flip: b
   description = (f'the test split of {source}' if own or not source.startswith('folder:')
                  else source)
   return {'matrix': matrix, 'source': source, 'own_test_split': own,
-          'tta': _tta_name(tta_flip, tta_translate),
+          'tta': _tta_name(tta_flip, tta_translate), 'tta_flip': bool(tta_flip),
+          'tta_translate': int(tta_translate),
           'description': description, 'examples': int(matrix.sum()),
           'correct': int(np.trace(matrix)), 'accuracy': confusion.accuracy(matrix),
           'per_class': confusion.per_class_accuracy(matrix, run.class_names)}
@@ -104,7 +105,15 @@ def report(run, result: dict[str, Any], pairs: int) -> str:
   lines = [f'{result["description"]}: {result["examples"]} images, run {run.workdir} (epoch '
            f'{run.epoch}{", EMA weights" if run.ema else ""})',
            f'accuracy {100 * result["accuracy"]:.2f}% ({result["correct"]}/{result["examples"]})']
-  recorded = 'test_accuracy' + {'': '', 'flip': '_tta_flip'}.get(result['tta'], '_tta_multicrop')
+  # The run's figure for the same views: its multi-crop one only with the run's own flip/shift.
+  flip, translate = result['tta_flip'], result['tta_translate']
+  if not translate:
+    recorded = 'test_accuracy_tta_flip' if flip else 'test_accuracy'
+  elif (flip == bool(run.config.get('tta_flip', False))
+        and translate == int(run.config.get('tta_translate', 0) or 0)):
+    recorded = 'test_accuracy_tta_multicrop'
+  else:
+    recorded = None
   if result['tta']:
     lines[-1] += f' with test-time augmentation ({result["tta"]})'
   if result['own_test_split'] and recorded in run.summary:

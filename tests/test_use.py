@@ -227,6 +227,9 @@ def test_evaluate_with_tta_reproduces_the_runs_tta_accuracies(trained, run, caps
   plain = run.logits(run.dataset().test.images)
   assert not np.allclose(plain, run.logits(run.dataset().test.images, tta_flip=True,
                                            tta_translate=1))
+  # Other views than the run's multi-crop: nothing recorded to compare with.
+  code, out, err = call_main(evaluate.main, [f'--workdir={workdir}', '--tta_translate=2'], capsys)
+  assert code == 0 and 'translate 2)' in out and 'recorded' not in out, err
   code, _, err = call_main(evaluate.main, [f'--workdir={workdir}', '--tta_translate=9'], capsys)
   assert code == 2 and '--tta_translate' in err
 
