@@ -118,6 +118,18 @@ def late_dip(rows: Sequence[dict[str, Any]], fraction: float = 1 / 3) -> float |
   return dip
 
 
+def first_epoch_reaching(rows: Sequence[dict[str, Any]], accuracy: float) -> int | None:
+  """The first epoch whose validation accuracy is at least `accuracy` (0..1), or None if none is.
+
+  The question source 000 asks of a model ("beats the baseline's 82.93% within 50 epochs") and
+  issue 16 asks of every long run: when did it first pass a given figure.
+  """
+  for row in rows:
+    if row['val_accuracy'] >= accuracy:
+      return row['epoch']
+  return None
+
+
 def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
                 title: str = '') -> int:
   """Loss and accuracy per epoch, train (dashed) and validation (solid), one colour per run.

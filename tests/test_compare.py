@@ -1,6 +1,7 @@
 """`python -m dsconv_jax.compare`: overlaid curves and a summary table of finished runs."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -71,6 +72,28 @@ def test_late_dip_measures_the_sag_of_the_last_third():
   assert reporting.late_dip(curve(.5, .6)) is None
 
 
+def test_first_epoch_reaching_a_figure():
+  rows = [{'epoch': e, 'val_accuracy': v} for e, v in ((1, .5), (2, .8293), (3, .80), (4, .85))]
+  assert reporting.first_epoch_reaching(rows, .8293) == 2  # reaching counts, not only passing
+  assert reporting.first_epoch_reaching(rows, .84) == 4
+  assert reporting.first_epoch_reaching(rows, .9) is None
+
+
+def test_reach_adds_the_first_epoch_at_each_accuracy(tmp_path, two_runs, cli_env):
+  with open(os.path.join(two_runs[1], 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  pct = math.floor(10000 * max(r['val_accuracy'] for r in rows)) / 100  # the run's best, floored
+  out = cli(cli_env, 'dsconv_jax.compare', *two_runs, '--out', str(tmp_path / 'c.png'),
+            f'--reach={pct},100')
+  assert out.returncode == 0, out.stderr
+  header, _, _, longer = out.stdout.splitlines()[:4]
+  assert header.endswith(f'| first >= {pct:g}% | first >= 100% |'), header
+  expected = [reporting.first_epoch_reaching(rows, p / 100) for p in (pct, 100)]
+  assert expected[0] is not None
+  assert [c.strip() for c in longer.strip('|').split('|')][-2:] == [
+      'never' if e is None else str(e) for e in expected]
+
+
 def test_labels_tell_equal_directory_names_apart():
   assert compare.run_labels(['runs/a', 'runs/b']) == ['a', 'b']
   assert compare.run_labels(['x/m3/seed_0', 'y/m3/seed_0', 'y/m3/seed_1']) == [
@@ -88,7 +111,10 @@ def test_bad_arguments(tmp_path, two_runs, cli_env):
       ([unfinished, '--out', out_png], 1, 'has no summary.json: the run has not finished'),
       (['--out', out_png], 2, 'the following arguments are required: DIR'),
       ([two_runs[0]], 2, 'the following arguments are required: --out'),
-      ([two_runs[0], '--out', str(tmp_path / 'x.md')], 2, 'would be overwritten by the table')):
+      ([two_runs[0], '--out', str(tmp_path / 'x.md')], 2, 'would be overwritten by the table'),
+      ([two_runs[0], '--out', out_png, '--reach=84.5,high'], 2, "'high' is not a number"),
+      ([two_runs[0], '--out', out_png, '--reach=0'], 2,
+       'not an accuracy in percent')):
     out = cli(cli_env, 'dsconv_jax.compare', *args)
     assert out.returncode == code, (args, out.stderr)
     assert out.stderr.startswith('error: ') and message in out.stderr, out.stderr
