@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dsconv_jax import compare, reporting
@@ -77,6 +78,11 @@ def test_first_epoch_reaching_a_figure():
   assert reporting.first_epoch_reaching(rows, .8293) == 2  # reaching counts, not only passing
   assert reporting.first_epoch_reaching(rows, .84) == 4
   assert reporting.first_epoch_reaching(rows, .9) is None
+  # As recorded: 8,293 of 10,000 correct, stored from float32, reaches 82.93%.
+  stored = [{'epoch': 1, 'val_accuracy': float(np.float32(8293 / 10000))}]
+  assert stored[0]['val_accuracy'] < .8293
+  assert reporting.first_epoch_reaching(stored, .8293) == 1
+  assert reporting.first_epoch_reaching(stored, .8294) is None
 
 
 def test_reach_adds_the_first_epoch_at_each_accuracy(tmp_path, two_runs, cli_env):
