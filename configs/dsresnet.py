@@ -37,9 +37,11 @@ def get_config():
   config = default.get_config()
   config.model = 'dsresnet'
   # The architecture, each field overridable: --config.model_kwargs.kernel_size=5,
-  # --config.model_kwargs.widths='(32,64,112)' --config.model_kwargs.blocks='(1,2,2)'.
+  # --config.model_kwargs.widths='(32,64,112)' --config.model_kwargs.blocks='(1,2,2)'
+  # --config.model_kwargs.activation=gelu.
   config.model_kwargs = ml_collections.ConfigDict(
-      {'widths': (40, 80, 160), 'blocks': (1, 1, 1), 'stem_multiplier': 8, 'kernel_size': 3})
+      {'widths': (40, 80, 160), 'blocks': (1, 1, 1), 'stem_multiplier': 8, 'kernel_size': 3,
+       'activation': 'relu'})
   config.bn_momentum = 0.9  # Keras' 0.99 settles too slowly for short runs (models.DSResNet).
   config.batch_size = 256
   config.normalization = 'standardize'

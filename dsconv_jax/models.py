@@ -27,7 +27,7 @@ from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseCo
                                Flatten, GlobalAvgPool, MaxPool2D, Options, PointwiseConv2D,
                                SeparableConv2D)
 # Also `models.scale_width`, as before; it lives in layers so that `sequential` can use it too.
-from dsconv_jax.layers import scale_width
+from dsconv_jax.layers import ACTIVATIONS, scale_width
 
 
 class DepthwisePointwiseNet(nn.Module):
@@ -140,6 +140,8 @@ class DSResNet(nn.Module):
   blocks: Sequence[int] = (1, 1, 1)
   stem_multiplier: int = 8
   kernel_size: int = 3  # Of every depthwise convolution (5: RF grows faster, +16 params/channel).
+  # Every nonlinearity, by Keras name (`layers.ACTIVATIONS`): airbench trains with 'gelu'.
+  activation: str = 'relu'
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
@@ -149,6 +151,12 @@ class DSResNet(nn.Module):
   bn_epsilon: float = 1e-3
   options: Options = Options()
   width_multiplier: float = 1.0
+
+  def __post_init__(self):
+    if self.activation not in ACTIVATIONS:  # A config value: one line, before any tracing.
+      raise UserError(f'config.model_kwargs.activation must be one of {sorted(ACTIVATIONS)}, '
+                      f'got {self.activation!r}')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -164,16 +172,16 @@ class DSResNet(nn.Module):
                        options=self.options)(x, train)
 
     def residual_block(x, features):
-      y = Activation('relu')(bn(ds_conv(x, features)), train)
+      y = Activation(self.activation)(bn(ds_conv(x, features)), train)
       y = bn(ds_conv(y, features))
-      return Activation('relu')(x + y, train)
+      return Activation(self.activation)(x + y, train)
 
     x = ds_conv(x, widths[0], depth_multiplier=self.stem_multiplier)
-    x = Activation('relu')(bn(x), train)
+    x = Activation(self.activation)(bn(x), train)
     for stage, (features, n_blocks) in enumerate(zip(widths, self.blocks)):
       if stage:
         x = MaxPool2D(2)(ds_conv(x, features), train)
-        x = Activation('relu')(bn(x), train)
+        x = Activation(self.activation)(bn(x), train)
       for _ in range(n_blocks):
         x = residual_block(x, features)
     if self.dropout_rate:

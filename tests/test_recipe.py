@@ -369,6 +369,27 @@ def test_dsresnet_kernel_size_widens_every_depthwise_filter():
   assert all(s[:2] == (5, 5) for s in shapes(k5).values())
 
 
+def test_dsresnet_activation_names_every_nonlinearity():
+  # GELU lets small negatives through where ReLU never does: every Activation of a 'gelu' model
+  # must show some, so one left at 'relu' fails.
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+
+  def activation_outputs(**kwargs):
+    model = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=2,
+                                **kwargs)
+    variables = model.init(jax.random.key(0), x)
+    _, state = model.apply(variables, x, capture_intermediates=lambda m, _: (
+        type(m).__name__ == 'Activation'), mutable=['intermediates'])
+    return jax.tree_util.tree_leaves(state['intermediates'])
+
+  relu, gelu = activation_outputs(), activation_outputs(activation='gelu')
+  assert len(gelu) == len(relu) == 6
+  assert all(float(a.min()) >= 0 for a in relu)
+  assert all(float(a.min()) < 0 for a in gelu)
+  with pytest.raises(UserError, match="activation must be one of .* got 'gleu'"):
+    models.create_model('dsresnet', activation='gleu')
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: every option at once, resumed exactly, tta key beside the plain test accuracy.
 
