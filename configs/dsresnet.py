@@ -41,7 +41,7 @@ def get_config():
   # --config.model_kwargs.activation=gelu.
   config.model_kwargs = ml_collections.ConfigDict(
       {'widths': (40, 80, 160), 'blocks': (1, 1, 1), 'stem_multiplier': 8, 'kernel_size': 3,
-       'activation': 'relu'})
+       'activation': 'relu', 'expansion': 0})
   config.bn_momentum = 0.9  # Keras' 0.99 settles too slowly for short runs (models.DSResNet).
   config.batch_size = 256
   config.normalization = 'standardize'

@@ -134,6 +134,11 @@ class DSResNet(nn.Module):
   identity shortcuts cost no parameters. 95,456 parameters with the defaults (Keras count;
   93,776 trainable).
   `width_multiplier` scales every hidden width (`scale_width`) for `config.fit_params`.
+
+  `expansion` > 0 swaps the residual block for MobileNetV2's inverted residual: pointwise to
+  `expansion` x the width -> BN -> act -> depthwise -> BN -> act -> pointwise back -> BN, added to
+  the input with no activation after the add (the linear bottleneck). Its depthwise filters work
+  in the wide space, and there is one per block instead of two.
   """
   num_classes: int = 10
   widths: Sequence[int] = (40, 80, 160)
@@ -142,6 +147,8 @@ class DSResNet(nn.Module):
   kernel_size: int = 3  # Of every depthwise convolution (5: RF grows faster, +16 params/channel).
   # Every nonlinearity, by Keras name (`layers.ACTIVATIONS`): airbench trains with 'gelu'.
   activation: str = 'relu'
+  # 0: the basic block (two depthwise-separable convs); t >= 1: inverted residual, expansion t.
+  expansion: int = 0
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
@@ -156,6 +163,10 @@ class DSResNet(nn.Module):
     if self.activation not in ACTIVATIONS:  # A config value: one line, before any tracing.
       raise UserError(f'config.model_kwargs.activation must be one of {sorted(ACTIVATIONS)}, '
                       f'got {self.activation!r}')
+    if (not isinstance(self.expansion, int) or isinstance(self.expansion, bool)
+        or self.expansion < 0):
+      raise UserError('config.model_kwargs.expansion must be an integer >= 0 (0: the basic '
+                      f'block, t: inverted residual with expansion t), got {self.expansion!r}')
     super().__post_init__()
 
   @nn.compact
@@ -176,6 +187,14 @@ class DSResNet(nn.Module):
       y = bn(ds_conv(y, features))
       return Activation(self.activation)(x + y, train)
 
+    def inverted_residual_block(x, features):
+      act = lambda y: Activation(self.activation)(y, train)
+      y = act(bn(PointwiseConv2D(features * self.expansion, use_bias=False)(x, train)))
+      y = act(bn(DepthwiseConv2D(self.kernel_size, padding='same', use_bias=False,
+                                 options=self.options)(y, train)))
+      return x + bn(PointwiseConv2D(features, use_bias=False)(y, train))
+
+    block = inverted_residual_block if self.expansion else residual_block
     x = ds_conv(x, widths[0], depth_multiplier=self.stem_multiplier)
     x = Activation(self.activation)(bn(x), train)
     for stage, (features, n_blocks) in enumerate(zip(widths, self.blocks)):
@@ -183,7 +202,7 @@ class DSResNet(nn.Module):
         x = MaxPool2D(2)(ds_conv(x, features), train)
         x = Activation(self.activation)(bn(x), train)
       for _ in range(n_blocks):
-        x = residual_block(x, features)
+        x = block(x, features)
     if self.dropout_rate:
       x = Dropout(self.dropout_rate, options=self.options)(x, train)
     x = PointwiseConv2D(self.num_classes, use_bias=False)(x, train)

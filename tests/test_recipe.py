@@ -390,6 +390,53 @@ def test_dsresnet_activation_names_every_nonlinearity():
     models.create_model('dsresnet', activation='gleu')
 
 
+def test_dsresnet_expansion_builds_inverted_residual_blocks():
+  # widths (8, 16), stem x2, expansion 2, counted by hand (Keras count, BatchNorm 4 per channel):
+  # stem 54 + 48 + 32; block 8->16->8: 128 + 64 + 144 + 64 + 128 + 32; transition 72 + 128 + 64;
+  # block 16->32->16: 512 + 128 + 288 + 128 + 512 + 64; classes 160.
+  config = get_config()
+  config.model = 'dsresnet'
+  config.model_kwargs = {'widths': (8, 16), 'blocks': (1, 1), 'stem_multiplier': 2,
+                         'expansion': 2}
+  report = experiment.describe_model(config, (16, 16, 3), 10).report
+  assert report.params_total == 2_750 and report.violations == []
+  kinds = [(l.type, l.output_shape[-1]) for l in report.layers]
+  # The first stage's block: expand, depthwise in the wide space, project, no activation after
+  # the add (the next layer is the transition's depthwise).
+  start = kinds.index(('PointwiseConv2D', 16))
+  assert kinds[start:start + 9] == [
+      ('PointwiseConv2D', 16), ('BatchNorm', 16), ('Activation', 16),
+      ('DepthwiseConv2D', 16), ('BatchNorm', 16), ('Activation', 16),
+      ('PointwiseConv2D', 8), ('BatchNorm', 8), ('DepthwiseConv2D', 8)]
+  # The block adds its branch to its input with no activation after: with the projection's
+  # BatchNorm (BatchNorm_3) zeroed, the transition's depthwise (DepthwiseConv2D_2) receives the
+  # stem's output unchanged; with it live, it receives negative values, which a ReLU would clip.
+  model = models.build_model(config, 10)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+
+  def inputs_and_outputs(params):
+    seen = {}
+    def record(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == '__call__':
+        seen[context.module.name] = (args[0], out)
+      return out
+    with nn.intercept_methods(record):
+      model.apply({**variables, 'params': params}, x)
+    return seen
+
+  zeroed = dict(variables['params'])
+  zeroed['BatchNorm_3'] = jax.tree.map(jnp.zeros_like, zeroed['BatchNorm_3'])
+  seen = inputs_and_outputs(zeroed)
+  np.testing.assert_array_equal(seen['DepthwiseConv2D_2'][0], seen['Activation_0'][1])
+  seen = inputs_and_outputs(variables['params'])
+  assert float(seen['DepthwiseConv2D_2'][0].min()) < 0
+  for bad in (-1, 1.5, True):
+    with pytest.raises(UserError, match='expansion must be an integer >= 0'):
+      models.create_model('dsresnet', expansion=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: every option at once, resumed exactly, tta key beside the plain test accuracy.
 
