@@ -12,8 +12,15 @@ In order, each timed (wall seconds, start-up and compilation included):
 3. the project's own model, `bench` over seeds 0-4, 50 epochs each (goal: mean final test
    accuracy 92%) -> bench.json;
 then accelerator.json: the device, versions, each step's command, wall seconds and exit status, and
-the headline figures. Everything goes to --out (at most 8 files, no deeper folders: what the
-device tool brings back); the runs' workdirs (checkpoints) stay in --workdir.
+the headline figures, rewritten after every step, so that a call cut off at its time limit still
+brings back what its finished steps measured. Everything goes to --out (at most 8 files, no
+deeper folders: what the device tool brings back); the runs' workdirs (checkpoints) stay in
+--workdir.
+
+A device call is limited (10 minutes a command, 15 minutes of device time a session, start-up
+included): `--only=throughput,model3` and `--only=bench --seeds=0,1` split the work over calls,
+and `--step_timeout=S` stops any one step after S seconds (exit status 124 in accelerator.json)
+and goes on with the next.
 
 TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`); ml-collections, if
 missing on the machine, travels as a wheel (see the device notes). `--smoke` runs the same
@@ -51,16 +58,27 @@ def _generated_folder(root: str) -> str:
   return root
 
 
-def _run(name: str, args: list[str], log, steps: list[dict]) -> dict:
-  """Runs `python -m ARGS`, appending its output to `log`; records its wall time and status."""
+TIMED_OUT = 124  # A step stopped by --step_timeout, as timeout(1) reports it.
+STEPS = ('throughput', 'model3', 'bench')
+
+
+def _run(name: str, args: list[str], log, steps: list[dict], timeout: float | None = None,
+         stdout=None) -> dict:
+  """Runs `python -m ARGS`, its output to `stdout` (default `log`) and errors to `log`; records
+  its wall time and status (TIMED_OUT when it ran past `timeout` seconds and was stopped)."""
   command = [sys.executable, '-m', *args]
   print(f'== {name}: {" ".join(args)}', file=log, flush=True)
   t0 = time.perf_counter()
-  out = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  step = {'name': name, 'command': 'python -m ' + ' '.join(args), 'exit_status': out.returncode,
+  try:
+    status = subprocess.run(command, cwd=ROOT, stdout=stdout or log, stderr=subprocess.STDOUT
+                            if stdout is None else log, timeout=timeout).returncode
+  except subprocess.TimeoutExpired:  # subprocess.run has killed it.
+    status = TIMED_OUT
+    print(f'== {name}: stopped after --step_timeout={timeout:g} s', file=log, flush=True)
+  step = {'name': name, 'command': 'python -m ' + ' '.join(args), 'exit_status': status,
           'wall_seconds': round(time.perf_counter() - t0, 2)}
   steps.append(step)
-  print(f'{name}: exit {out.returncode}, {step["wall_seconds"]} s', flush=True)
+  print(f'{name}: exit {status}, {step["wall_seconds"]} s', flush=True)
   return step
 
 
@@ -79,7 +97,19 @@ def main(argv=None) -> int:
   parser.add_argument('--data', default='', help='ROOT of the CIFAR-10 image-folder copy')
   parser.add_argument('--workdir', default='', help='the runs\' workdirs (default: OUT/../runs)')
   parser.add_argument('--smoke', action='store_true', help='a few steps of each, generated data')
+  parser.add_argument('--only', default=','.join(STEPS),
+                      help=f'the steps to run, comma-separated, of {",".join(STEPS)} (default: all)')
+  parser.add_argument('--seeds', default='', help='bench\'s seeds (default 0,1,2,3,4; smoke: 0)')
+  parser.add_argument('--step_timeout', type=float, default=0,
+                      help='stop a step after this many seconds and go on (0: no limit)')
   args = parser.parse_args(argv)
+  only = [s.strip() for s in args.only.split(',') if s.strip()]
+  unknown = sorted(set(only) - set(STEPS))
+  if unknown or not only:
+    parser.error(f'--only takes steps of {",".join(STEPS)}, got {args.only!r}')
+  if args.step_timeout < 0:
+    parser.error(f'--step_timeout must be >= 0 seconds, got {args.step_timeout:g}')
+  timeout = args.step_timeout or None
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   workdir = os.path.abspath(args.workdir or os.path.join(os.path.dirname(out), 'accelerator-runs'))
@@ -96,49 +126,72 @@ def main(argv=None) -> int:
   short = ['--config.num_epochs=1', '--config.batch_size=16'] if args.smoke else []
   has_torch = importlib.util.find_spec('torch') is not None
   steps: list[dict] = []
-  with open(os.path.join(out, 'log.txt'), 'w') as log:
-    throughput = ['dsconv_jax.throughput', '--config=configs/model3.py', '--json']
-    throughput += (['--depthwise_impl=auto', '--compute_dtype=bfloat16', '--steps=2',
-                    '--chunks=1'] if args.smoke else
-                   ['--depthwise_impl=auto,grouped,shifted', '--compute_dtype=float32,bfloat16',
-                    '--steps=50', '--chunks=5'])
-    if has_torch:
-      throughput.append('--peer=pytorch')
-    with open(os.path.join(out, 'throughput.json'), 'w') as f:
-      print(f'== throughput: {" ".join(throughput)}', file=log, flush=True)
-      t0 = time.perf_counter()
-      done = subprocess.run([sys.executable, '-m', *throughput], cwd=ROOT, stdout=f, stderr=log)
-      steps.append({'name': 'throughput', 'command': 'python -m ' + ' '.join(throughput),
-                    'exit_status': done.returncode,
-                    'wall_seconds': round(time.perf_counter() - t0, 2)})
-
-    model3_dir = os.path.join(workdir, 'model3-50ep')
-    _run('model3', ['dsconv_jax.main', '--config=configs/model3.py', f'--workdir={model3_dir}',
-                    '--quiet', *dataset, *short], log, steps)
-    _copy(os.path.join(model3_dir, 'summary.json'), os.path.join(out, 'model3-summary.json'))
-    _copy(os.path.join(model3_dir, 'metrics.jsonl'), os.path.join(out, 'model3-metrics.jsonl'))
-
-    bench_dir = os.path.join(workdir, 'bench-dsresnet')
-    seeds = '0' if args.smoke else '0,1,2,3,4'
-    _run('bench_dsresnet', ['dsconv_jax.bench', '--config=configs/dsresnet.py',
-                            f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short],
-         log, steps)
-    _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json'))
-
   result = {'smoke': args.smoke, 'data': data, 'steps': steps, 'peer': has_torch}
-  result['headline'] = _headline(out)
-  with open(os.path.join(out, 'accelerator.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+
+  def write_result():  # After every step: a call cut off at its limit keeps the steps before.
+    result['headline'] = _headline(out)
+    tmp = os.path.join(out, '.accelerator.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(out, 'accelerator.json'))
+
+  with open(os.path.join(out, 'log.txt'), 'w') as log:
+    if 'throughput' in only:
+      throughput = ['dsconv_jax.throughput', '--config=configs/model3.py', '--json']
+      throughput += (['--depthwise_impl=auto', '--compute_dtype=bfloat16', '--steps=2',
+                      '--chunks=1'] if args.smoke else
+                     ['--depthwise_impl=auto,grouped,shifted', '--compute_dtype=float32,bfloat16',
+                      '--steps=50', '--chunks=5'])
+      if has_torch:
+        throughput.append('--peer=pytorch')
+      with open(os.path.join(out, 'throughput.json'), 'w') as f:
+        _run('throughput', throughput, log, steps, timeout, stdout=f)
+      write_result()
+
+    if 'model3' in only:
+      model3_dir = os.path.join(workdir, 'model3-50ep')
+      _run('model3', ['dsconv_jax.main', '--config=configs/model3.py', f'--workdir={model3_dir}',
+                      '--quiet', *dataset, *short], log, steps, timeout)
+      _copy(os.path.join(model3_dir, 'summary.json'), os.path.join(out, 'model3-summary.json'))
+      _copy(os.path.join(model3_dir, 'metrics.jsonl'), os.path.join(out, 'model3-metrics.jsonl'))
+      write_result()
+
+    if 'bench' in only:
+      bench_dir = os.path.join(workdir, 'bench-dsresnet')
+      seeds = args.seeds or ('0' if args.smoke else '0,1,2,3,4')
+      _run('bench_dsresnet', ['dsconv_jax.bench', '--config=configs/dsresnet.py',
+                              f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short],
+           log, steps, timeout)
+      if not _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json')):
+        result['bench_seeds_finished'] = _finished_seeds(bench_dir)  # Stopped before the end.
+      write_result()
+
   failed = [s['name'] for s in steps if s['exit_status']]
   print(f'wrote {out}/accelerator.json' + (f'; failed: {", ".join(failed)}' if failed else ''))
   return 1 if failed else 0
 
 
+def _finished_seeds(bench_dir: str) -> dict:
+  """{seed directory: its test accuracy} for each of bench's runs that wrote a summary."""
+  found = {}
+  for name in sorted(os.listdir(bench_dir)) if os.path.isdir(bench_dir) else []:
+    path = os.path.join(bench_dir, name, 'summary.json')
+    if os.path.exists(path):
+      with open(path) as f:
+        found[name] = json.load(f).get('test_accuracy')
+  return found
+
+
 def _headline(out: str) -> dict:
   """The figures the issues ask for, read back from what the steps wrote."""
   headline = {}
-  load = lambda name: json.load(open(os.path.join(out, name))) if os.path.exists(
-      os.path.join(out, name)) and os.path.getsize(os.path.join(out, name)) else None
+  def load(name):  # None for a file a stopped step left missing, empty or cut short.
+    try:
+      with open(os.path.join(out, name)) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
   throughput = load('throughput.json')
   if throughput:
     headline['device'] = throughput['device']

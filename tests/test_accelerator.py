@@ -26,3 +26,29 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   names = sorted(os.listdir(out))
   assert names == ['accelerator.json', 'bench.json', 'log.txt', 'model3-metrics.jsonl',
                    'model3-summary.json', 'throughput.json']
+
+
+def _accelerator(tmp_path, cli_env, *flags):
+  return subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'accelerator.sh'), '--smoke',
+                         f'--out={tmp_path / "out"}', f'--workdir={tmp_path / "runs"}', *flags],
+                        cwd=ROOT, env={**cli_env, 'PYTHON': sys.executable},
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_accelerator_script_runs_the_steps_asked_and_stops_one_at_its_timeout(tmp_path, cli_env):
+  # A device call has 10 minutes: a step past --step_timeout is stopped (124, as timeout(1)),
+  # the call goes on and accelerator.json says so, already written when the step ends.
+  done = _accelerator(tmp_path, cli_env, '--only=model3,bench', '--step_timeout=3')
+  assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+  result = json.loads((tmp_path / 'out' / 'accelerator.json').read_text())
+  assert [(s['name'], s['exit_status']) for s in result['steps']] == [
+      ('model3', 124), ('bench_dsresnet', 124)]
+  assert all(3 <= s['wall_seconds'] < 60 for s in result['steps'])
+  assert result['bench_seeds_finished'] == {}
+  assert 'model3' not in result['headline'] and 'dsresnet' not in result['headline']
+  assert not (tmp_path / 'out' / 'throughput.json').exists()
+
+
+def test_accelerator_script_refuses_unknown_steps(tmp_path, cli_env):
+  done = _accelerator(tmp_path, cli_env, '--only=throughput,gpu')
+  assert done.returncode == 2 and "--only takes steps of throughput,model3,bench" in done.stderr
