@@ -3,7 +3,8 @@
     python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] [--labels=a,b,...] > table.md
 
 For each run: what it changes against the baseline's config (keys whose values differ, read from
-summary.json), parameters, max validation accuracy (epoch), final test accuracy, the flip and
+summary.json), parameters, multiply-accumulates per image (summary.json's `macs_per_image`, or
+for runs recorded before it, counted from the run's config), max validation accuracy (epoch), final test accuracy, the flip and
 multi-crop test-time-augmented accuracies when the run reports them, the final training accuracy
 (metrics.jsonl, augmented batches), training seconds, and the test accuracy's difference to the
 baseline's in points. A run that reports no multi-crop accuracy gets the one `--multicrop
@@ -61,6 +62,15 @@ def changes(config: dict, baseline: dict) -> str:
   return ', '.join(f'{k}={a.get(k)!r}' for k in keys) or '(baseline)'
 
 
+def macs(summary: dict) -> int:
+  """Multiply-accumulates per image of the run's model."""
+  if 'macs_per_image' in summary:
+    return summary['macs_per_image']
+  from dsconv_jax import experiment, inference
+  return experiment.describe_model(inference.config_of(summary), tuple(summary['image_shape']),
+                                   len(summary['class_names'])).report.macs_total
+
+
 def pct(x) -> str:
   return '' if x is None else f'{100 * x:.2f}%'
 
@@ -73,9 +83,9 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   extra = {os.path.normpath(k): float(v) for k, v in (m.split('=', 1) for m in args.multicrop)}
   base_summary, _ = load(args.baseline)
-  print('| run | change against the baseline | params | max val (epoch) | test | flip TTA | '
+  print('| run | change against the baseline | params | MACs | max val (epoch) | test | flip TTA | '
         'multi-crop TTA | train acc | seconds | test - baseline |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for directory in [args.baseline, *args.dirs]:
     summary, rows = load(directory)
     multicrop = summary.get('test_accuracy_tta_multicrop')
@@ -85,7 +95,7 @@ def main(argv=None) -> None:
     delta = 100 * (summary['test_accuracy'] - base_summary['test_accuracy'])
     print(f'| `{os.path.basename(os.path.normpath(directory))}` | '
           f'{changes(summary["config"], base_summary["config"])} | {summary["params_total"]:,} | '
-          f'{pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
+          f'{macs(summary) / 1e6:.1f}M | {pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
           f'{pct(summary["test_accuracy"])} | {pct(summary.get("test_accuracy_tta_flip"))} | '
           f'{pct(multicrop)}{mark} | {pct(rows[-1]["train_accuracy"])} | '
           f'{summary["train_seconds"]:,.0f} | {delta:+.2f} |')

@@ -305,6 +305,7 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'params_total': report.params_total,
       'params_trainable': report.params_trainable,
       'params_non_trainable': report.params_non_trainable,
+      'macs_per_image': report.macs_total,
       'width_multiplier': width['width_multiplier'],
       'fit_params': width['fit_params'],
       'max_val_accuracy': best['val_accuracy'],

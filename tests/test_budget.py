@@ -139,4 +139,7 @@ def test_training_records_the_chosen_multiplier(tmp_path, image_folder, monkeypa
   # Width 9 (27 + 19 * 9 = 198) fits, 10 (217) does not; 8 * 75/64 rounds to 9, 8 * 76/64 to 10.
   assert summary['width_multiplier'] == 75 / 64 and summary['fit_params'] == 200
   assert summary['params_total'] == 198
+  # Multiply-accumulates per 32x32 image at width 9: depthwise 32*32*3*9, pointwise 32*32*3*9,
+  # then on the pooled map the separable conv's depthwise 14*14*9*9 and pointwise 14*14*9*3.
+  assert summary['macs_per_image'] == 27_648 + 27_648 + 15_876 + 5_292
   assert summary['config']['model_kwargs'] == {'width_multiplier': 75 / 64}
