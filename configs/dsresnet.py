@@ -38,7 +38,8 @@ def get_config():
   config.model = 'dsresnet'
   # The architecture, each field overridable: --config.model_kwargs.kernel_size=5,
   # --config.model_kwargs.widths='(32,64,112)' --config.model_kwargs.blocks='(1,2,2)'
-  # --config.model_kwargs.activation=gelu.
+  # --config.model_kwargs.activation=gelu, --config.model_kwargs.expansion=3 (inverted residual
+  # blocks, MobileNetV2's; 0 = the basic block of two depthwise-separable convs).
   config.model_kwargs = ml_collections.ConfigDict(
       {'widths': (40, 80, 160), 'blocks': (1, 1, 1), 'stem_multiplier': 8, 'kernel_size': 3,
        'activation': 'relu', 'expansion': 0})
