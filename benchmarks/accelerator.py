@@ -2,6 +2,7 @@
 
     bash benchmarks/accelerator.sh --data=.data/cifar10-jpeg [--out=$OUT]   # on the GPU machine
     bash benchmarks/accelerator.sh --smoke --out=/tmp/acc                   # anywhere, ~2 minutes
+    bash benchmarks/accelerator.sh --data=... --only=bench -- --config.model_kwargs.blocks='(1,2,1)'
 
 In order, each timed (wall seconds, start-up and compilation included):
 1. `throughput` of Model 3 against PyTorch (when torch is installed) for the depthwise forms
@@ -22,6 +23,11 @@ included): `--only=throughput,model3` and `--only=bench --seeds=0,1` split the w
 and `--step_timeout=S` stops any one step after S seconds (exit status 124 in accelerator.json)
 and goes on with the next.
 
+Config overrides after `--` (`--config.KEY=VALUE` only) go to the bench step, so that one call
+measures a candidate recipe over 5 seeds against `configs/dsresnet.py` unchanged (issue 16's
+single-seed CPU runs cannot separate them): each set of overrides trains in its own workdir
+(bench-dsresnet-<hash of the overrides>), and accelerator.json records them.
+
 TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`); ml-collections, if
 missing on the machine, travels as a wheel (see the device notes). `--smoke` runs the same
 commands with a few steps, 1 epoch, one throughput variant, a generated 3-class image folder and
@@ -32,6 +38,7 @@ one seed, so that the script is known to work before a GPU is ever seen
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -102,7 +109,13 @@ def main(argv=None) -> int:
   parser.add_argument('--seeds', default='', help='bench\'s seeds (default 0,1,2,3,4; smoke: 0)')
   parser.add_argument('--step_timeout', type=float, default=0,
                       help='stop a step after this many seconds and go on (0: no limit)')
+  parser.add_argument('overrides', nargs='*', metavar='--config.KEY=VALUE',
+                      help='after --: config overrides for the bench step')
   args = parser.parse_args(argv)
+  bad = [o for o in args.overrides if not (o.startswith('--config.') and '=' in o)]
+  if bad:
+    parser.error(f'after -- only --config.KEY=VALUE overrides (for bench) are taken, '
+                 f'got {bad[0]!r}')
   only = [s.strip() for s in args.only.split(',') if s.strip()]
   unknown = sorted(set(only) - set(STEPS))
   if unknown or not only:
@@ -126,10 +139,13 @@ def main(argv=None) -> int:
   short = ['--config.num_epochs=1', '--config.batch_size=16'] if args.smoke else []
   has_torch = importlib.util.find_spec('torch') is not None
   steps: list[dict] = []
-  result = {'smoke': args.smoke, 'data': data, 'steps': steps, 'peer': has_torch}
+  result = {'smoke': args.smoke, 'data': data, 'steps': steps, 'peer': has_torch,
+            'bench_overrides': args.overrides}
 
   def write_result():  # After every step: a call cut off at its limit keeps the steps before.
     result['headline'] = _headline(out)
+    if 'dsresnet' in result['headline']:
+      result['headline']['dsresnet']['overrides'] = args.overrides
     tmp = os.path.join(out, '.accelerator.json.tmp')
     with open(tmp, 'w') as f:
       json.dump(result, f, indent=2)
@@ -158,9 +174,12 @@ def main(argv=None) -> int:
 
     if 'bench' in only:
       bench_dir = os.path.join(workdir, 'bench-dsresnet')
+      if args.overrides:  # bench resumes seeds by workdir: another recipe needs its own.
+        bench_dir += '-' + hashlib.sha1(' '.join(args.overrides).encode()).hexdigest()[:8]
       seeds = args.seeds or ('0' if args.smoke else '0,1,2,3,4')
       _run('bench_dsresnet', ['dsconv_jax.bench', '--config=configs/dsresnet.py',
-                              f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short],
+                              f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short,
+                              *args.overrides],
            log, steps, timeout)
       if not _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json')):
         result['bench_seeds_finished'] = _finished_seeds(bench_dir)  # Stopped before the end.

@@ -11,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   out = tmp_path / 'out'
   done = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'accelerator.sh'), '--smoke',
-                         f'--out={out}', f'--workdir={tmp_path / "runs"}'],
+                         f'--out={out}', f'--workdir={tmp_path / "runs"}',
+                         '--', '--config.augment=crop,flip,cutout', '--config.label_smoothing=0.2'],
                         cwd=ROOT, env={**cli_env, 'PYTHON': sys.executable},
                         capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -22,6 +23,15 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   assert set(headline['throughput']) == {'auto/bfloat16'}
   assert headline['model3']['epochs'] == 1 and headline['model3']['source_seconds'] == 1967
   assert headline['dsresnet']['n'] == 1
+  # The overrides after -- reach bench's runs (a candidate recipe measured over seeds), in a
+  # workdir of their own, and are recorded.
+  assert headline['dsresnet']['overrides'] == result['bench_overrides'] == [
+      '--config.augment=crop,flip,cutout', '--config.label_smoothing=0.2']
+  bench_dirs = [d for d in os.listdir(tmp_path / 'runs') if d.startswith('bench-dsresnet')]
+  assert len(bench_dirs) == 1 and bench_dirs[0] != 'bench-dsresnet', bench_dirs
+  config = json.loads((tmp_path / 'runs' / bench_dirs[0] / 'seed_0' / 'summary.json').read_text())[
+      'config']
+  assert (config['augment'], config['label_smoothing']) == ('crop,flip,cutout', 0.2)
   # What comes back from the device: at most 8 plain files, no folders.
   names = sorted(os.listdir(out))
   assert names == ['accelerator.json', 'bench.json', 'log.txt', 'model3-metrics.jsonl',
@@ -52,3 +62,7 @@ def test_accelerator_script_runs_the_steps_asked_and_stops_one_at_its_timeout(tm
 def test_accelerator_script_refuses_unknown_steps(tmp_path, cli_env):
   done = _accelerator(tmp_path, cli_env, '--only=throughput,gpu')
   assert done.returncode == 2 and "--only takes steps of throughput,model3,bench" in done.stderr
+  # Only config overrides follow --; anything else is a usage error before any step runs.
+  done = _accelerator(tmp_path, cli_env, '--only=bench', '--', '--seeds=3')
+  assert done.returncode == 2 and "only --config.KEY=VALUE overrides" in done.stderr, done.stderr
+  assert not (tmp_path / 'out' / 'accelerator.json').exists()
