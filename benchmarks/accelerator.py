@@ -28,8 +28,10 @@ measures a candidate recipe over 5 seeds against `configs/dsresnet.py` unchanged
 single-seed CPU runs cannot separate them): each set of overrides trains in its own workdir
 (bench-dsresnet-<hash of the overrides>), and accelerator.json records them.
 
-TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`); ml-collections, if
-missing on the machine, travels as a wheel (see the device notes). `--smoke` runs the same
+TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`). The device machine
+lacks ml-collections and tensorboardX: benchmarks/device_prep.sh (run where pip works) puts their
+wheels in .whl/ and the dataset in .data/, accelerator.sh installs the wheels when needed, and a
+module still missing stops the call before any step (exit 1). `--smoke` runs the same
 commands with a few steps, 1 epoch, one throughput variant, a generated 3-class image folder and
 one seed, so that the script is known to work before a GPU is ever seen
 (tests/test_accelerator.py).
@@ -63,6 +65,23 @@ def _generated_folder(root: str) -> str:
         img[..., c] += 160
         Image.fromarray(img).save(os.path.join(folder, f'{i:04d}.png'))
   return root
+
+
+# What every step imports (the device machine's image lacks ml_collections and tensorboardX:
+# benchmarks/device_prep.sh brings them as wheels). Checked before any step runs, so that a call
+# missing one fails in seconds with one message instead of three tracebacks.
+REQUIRED = ('jax', 'flax', 'optax', 'orbax.checkpoint', 'absl', 'ml_collections', 'numpy', 'PIL',
+            'tensorboardX')
+
+
+def _missing_modules() -> list[str]:
+  missing = []
+  for name in REQUIRED:
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      missing.append(name)
+  return missing
 
 
 TIMED_OUT = 124  # A step stopped by --step_timeout, as timeout(1) reports it.
@@ -123,6 +142,12 @@ def main(argv=None) -> int:
   if args.step_timeout < 0:
     parser.error(f'--step_timeout must be >= 0 seconds, got {args.step_timeout:g}')
   timeout = args.step_timeout or None
+  missing = _missing_modules()
+  if missing:
+    print(f'error: {", ".join(missing)} cannot be imported here; on the device machine run '
+          'benchmarks/device_prep.sh beforehand (where pip works) and carry .whl with the call '
+          '(BENCHMARKS.md, "GPU"); elsewhere pip install -e .', file=sys.stderr)
+    return 1
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   workdir = os.path.abspath(args.workdir or os.path.join(os.path.dirname(out), 'accelerator-runs'))

@@ -66,3 +66,28 @@ def test_accelerator_script_refuses_unknown_steps(tmp_path, cli_env):
   done = _accelerator(tmp_path, cli_env, '--only=bench', '--', '--seeds=3')
   assert done.returncode == 2 and "only --config.KEY=VALUE overrides" in done.stderr, done.stderr
   assert not (tmp_path / 'out' / 'accelerator.json').exists()
+
+
+def test_accelerator_script_names_missing_modules_before_any_step(tmp_path, cli_env):
+  # The device machine's image lacks tensorboardX and ml_collections: without the wheels of
+  # benchmarks/device_prep.sh the call fails at once, with one message and no traceback.
+  shadow = tmp_path / 'shadow' / 'tensorboardX'
+  shadow.mkdir(parents=True)
+  (shadow / '__init__.py').write_text("raise ImportError('not on this machine')\n")
+  env = {**cli_env, 'PYTHONPATH': str(tmp_path / 'shadow') + os.pathsep + cli_env.get(
+      'PYTHONPATH', '')}
+  done = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'accelerator.py'),
+                         '--smoke', f'--out={tmp_path / "out"}', f'--workdir={tmp_path / "runs"}'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+  assert done.stderr.startswith('error: tensorboardX cannot be imported here; on the device '
+                                'machine run benchmarks/device_prep.sh'), done.stderr
+  assert 'Traceback' not in done.stderr and not (tmp_path / 'out').exists()
+
+
+def test_device_prep_refuses_a_folder_that_is_not_an_image_dataset(tmp_path):
+  # Checked before any download or copy: the device call would otherwise carry no data.
+  done = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'device_prep.sh'),
+                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 1 and done.stderr == (
+      f'error: {tmp_path} is not an image-folder dataset (no train/ and test/ in it)\n')
