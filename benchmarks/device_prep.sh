@@ -37,15 +37,18 @@ if [ ! -d .data/cifar10-jpeg ] || ! diff -rq "$src" .data/cifar10-jpeg >/dev/nul
 fi
 
 # What a call carries: the working tree git would commit, plus the carried folders.
-tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -n 1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -n 1 |
+  cut -f1)
 carried=$(du -sb .whl .data/cifar10-jpeg | awk '{s += $1} END {print s}')
 total=$((tree + carried))
 limit=$((64 * 1024 * 1024))
-echo "carried: $((total / 1024 / 1024)) MiB of $((limit / 1024 / 1024)) MiB (tree $tree bytes, .whl + .data $carried bytes)"
+echo "carried: $((total / 1024 / 1024)) MiB of $((limit / 1024 / 1024)) MiB" \
+  "(tree $tree bytes, .whl + .data $carried bytes)"
 [ "$total" -lt "$limit" ] || { echo "error: over the 64 MiB a device call carries" >&2; exit 1; }
 ls .whl
 cat <<'EOF'
 device call (run tool), carry [".whl", ".data/cifar10-jpeg"], timeout_s 600:
-  PYTHON=python3 bash benchmarks/accelerator.sh --data=.data/cifar10-jpeg --out=$OUT --only=throughput,model3 --step_timeout=280
+  bash benchmarks/accelerator.sh --data=.data/cifar10-jpeg --out=$OUT --only=throughput,model3 \
+    --step_timeout=280
 then --only=bench --seeds=0,1,2 --step_timeout=500 (BENCHMARKS.md, "GPU").
 EOF
