@@ -27,11 +27,11 @@ with this recipe when cutout was an override): 87.73% test, 88.14% flip TTA, 88.
 TTA; first at 82.93% by epoch 11, 84.5% by epoch 17. Widths (32,96,128) and blocks (1,2,1),
 refitted with --config.fit_params=99999 (97,378 parameters, 22.5M MACs): 88.09% test, 88.92%
 multi-crop TTA (results/dsresnet-mid121-cpu-50ep): +0.36 points on one seed each, less than the
-0.79 a second seed moved the 10-epoch baseline, so not the default. Without cutout, 50 epochs is still to be measured (--config.augment=
-crop,flip; at 10 epochs cutout cost 1.13 points, results/recipe10-cpu, where the baseline is
-crop,flip: 83.61% test). The run that opened issue 16 (the recipe before the PreciseBN evaluation
-and cutout, made outside the project): 84.89% final test, 87.59% with statistics recomputed
-offline, 98.0% on training images.
+0.79 a second seed moved the 10-epoch baseline, so not the default. Without cutout
+(--config.augment=crop,flip), 50 epochs is still to be measured; at 10 epochs cutout cost 1.13
+points (results/recipe10-cpu, whose baseline is crop,flip: 83.61% test). The run that opened
+issue 16 (the recipe before the PreciseBN evaluation and cutout, made outside the project):
+84.89% final test, 87.59% with statistics recomputed offline, 98.0% on training images.
 """
 
 import ml_collections
