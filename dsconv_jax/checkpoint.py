@@ -34,6 +34,14 @@ _CAUSES = ('No space left on device', 'Disk quota exceeded', 'File too large', '
            'Read-only file system')
 
 
+# How long Orbax lets a background save run before its wait raises TimeoutError (its default is
+# 1,200 s). The deadline runs from the start of the save, so a process suspended mid-save (a
+# laptop asleep, a job frozen by its scheduler, SIGSTOP) for longer than this failed its next
+# save although the write needed milliseconds: a 23-minute SIGSTOP did that to a 50-epoch run on
+# 2026-12-03 (issue 16's notes). A save that truly hangs still ends, after this long.
+SAVE_TIMEOUT_SECONDS = 12 * 3600
+
+
 def _cause(e: BaseException) -> str:
   """A short cause for a failed save: the OS error's text, wherever Orbax wrapped it."""
   if isinstance(e, OSError) and e.strerror:
@@ -86,7 +94,8 @@ class Checkpoints:
           # A save killed halfway leaves `<epoch>.orbax-checkpoint-tmp`; remove it quietly at start.
           cleanup_tmp_directories=True,
           preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, keep)),
-          enable_async_checkpointing=True)
+          enable_async_checkpointing=True,
+          async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_SECONDS))
     try:
       with _without_read_only_notice():
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -114,6 +123,10 @@ class Checkpoints:
       # Orbax and tensorstore raise ValueError, RuntimeError or OSError for the same full disk.
       kept = (f'the checkpoint of epoch {self._saved} is intact' if self._saved else
               'no epoch is saved yet')
+      if isinstance(e, TimeoutError):  # Not the disk: the save outlived Orbax's deadline.
+        raise UserError(f'the checkpoint of epoch {epoch} in {self.directory!r} was not saved '
+                        f'within {SAVE_TIMEOUT_SECONDS} s (the process was suspended, or the '
+                        f'disk stalled); {kept}: run the same command to resume') from None
       raise UserError(f'cannot save the checkpoint of epoch {epoch} in {self.directory!r} '
                       f'({_cause(e)}); {kept}: free disk space or choose another --workdir, '
                       'then run the same command') from None

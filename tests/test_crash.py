@@ -324,6 +324,30 @@ def test_checkpoint_write_errors_name_the_epoch_whose_save_failed(tmp_path, monk
   checkpoints.close()
 
 
+def test_a_save_past_orbaxs_deadline_is_not_called_a_full_disk(tmp_path, monkeypatch):
+  # A process suspended mid-save wakes past Orbax's deadline; its error names that, not disk space.
+  checkpoints = checkpoint_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  checkpoints.save(1, {'w': np.zeros(3)})
+  checkpoints.wait()
+  options = checkpoints.manager._options  # pylint: disable=protected-access
+  # Longer than Orbax's default of 1,200 s, which a 23-minute SIGSTOP outlasted.
+  assert options.async_options.timeout_secs == checkpoint_lib.SAVE_TIMEOUT_SECONDS > 1200
+
+  def late(*args, **kwargs):  # Orbax's own text, from the run it happened to.
+    raise TimeoutError('ChainedFuture completed 1/3 futures but timed out after 0.00 seconds.')
+
+  checkpoints.save(2, {'w': np.ones(3)})
+  monkeypatch.setattr(checkpoints.manager, 'wait_until_finished', late)
+  with pytest.raises(UserError) as raised:
+    checkpoints.save(3, {'w': np.ones(3)})
+  assert str(raised.value).endswith(
+      f'was not saved within {checkpoint_lib.SAVE_TIMEOUT_SECONDS} s (the process was suspended, '
+      'or the disk stalled); the checkpoint of epoch 1 is intact: run the same command to resume')
+  assert 'epoch 2' in str(raised.value) and 'disk space' not in str(raised.value)
+  monkeypatch.undo()
+  checkpoints.close()
+
+
 def test_stop_on_signals_sets_a_flag_and_restores_the_handlers():
   previous = signal.getsignal(signal.SIGTERM)
   with stopping.StopOnSignals() as stop:
