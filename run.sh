@@ -35,6 +35,15 @@ setup() {
 setup
 if [ "${1:-}" = "test" ]; then
   shift
-  exec "$VENV/bin/python" -m pytest "$@"
+  # Test files spread over up to 4 pytest-xdist workers (one per core), each file on one worker so
+  # that its module fixtures are built once; `-n 0` (or any -n/--numprocesses) overrides.
+  # Measured on the 2-core CPU machine: 760 s with two workers against 1,261 s in one process.
+  workers=()
+  case " $* " in
+    *" -n"*|*" --numprocesses"*) ;;
+    *) cores=$(nproc 2>/dev/null || echo 1)
+       workers=(-n "$(( cores < 4 ? cores : 4 ))" --dist loadfile) ;;
+  esac
+  exec "$VENV/bin/python" -m pytest ${workers[@]+"${workers[@]}"} "$@"
 fi
 exec "$VENV/bin/python" -m dsconv_jax.main --config=configs/model3.py --workdir=runs/model3 "$@"

@@ -65,14 +65,19 @@ class StopOnSignals:
     return Stopped(f'stopped by {name} after saving epoch {epoch}; run the same command to '
                    'resume', self.signum)
 
-  def stopped_before(self, epoch: int) -> Stopped:
-    """The exception to raise when the signal came before epoch `epoch` started."""
+  def stopped_before(self, epoch: int | None) -> Stopped:
+    """The exception to raise when the signal came before epoch `epoch` started; `epoch=None`:
+    before the workdir's checkpoints were read (a resumed run's are kept all the same)."""
     name = signal.Signals(self.signum).name
-    kept = f'the checkpoint of epoch {epoch - 1} is kept' if epoch > 1 else 'nothing was trained'
-    return Stopped(f'stopped by {name} before epoch {epoch} started ({kept}); run the same '
-                   'command to resume', self.signum)
+    if epoch is None:
+      where, kept = 'training started', 'no checkpoint was written or changed'
+    else:
+      where = f'epoch {epoch} started'
+      kept = f'the checkpoint of epoch {epoch - 1} is kept' if epoch > 1 else 'nothing was trained'
+    return Stopped(f'stopped by {name} before {where} ({kept}); run the same command to resume',
+                   self.signum)
 
-  def check(self, epoch: int) -> None:
+  def check(self, epoch: int | None) -> None:
     """Raises `stopped_before(epoch)` when a signal has come."""
     if self.requested:
       raise self.stopped_before(epoch)

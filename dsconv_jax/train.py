@@ -137,11 +137,11 @@ def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
   compiled epoch and the validation split on the devices. A signal stops it between phases."""
   _prepare_workdir(workdir)
   data = experiment_lib.load_data(config)
-  stop.check(1)
+  stop.check(None)  # The checkpoints are not read yet: a resumed run's epoch is not known.
   exp = experiment_lib.create_experiment(
       config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer))
   config = exp.config
-  stop.check(1)
+  stop.check(None)
 
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            keep=config.checkpoint_keep)

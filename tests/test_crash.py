@@ -195,6 +195,37 @@ def test_sigterm_and_sigint_stop_after_saving_and_the_run_resumes(tmp_path, refe
   assert_same_run(workdir, reference)
 
 
+# Sends SIGTERM to the process once the dataset is decoded: before the checkpoints are read.
+SIGTERM_AFTER_LOADING = '''
+import os, signal
+from dsconv_jax import experiment
+_load_data = experiment.load_data
+def load_data(config):
+  data = _load_data(config)
+  os.kill(os.getpid(), signal.SIGTERM)
+  return data
+experiment.load_data = load_data
+'''
+
+
+def test_a_signal_while_a_resumed_run_loads_its_data_does_not_say_nothing_was_trained(
+    tmp_path, reference, folder, cli_env):
+  # A 24-epoch run stopped while decoding its dataset said "before epoch 1 started (nothing was
+  # trained)": alarming and false, since its checkpoints are not read yet at that point.
+  workdir = str(tmp_path / 'run')
+  assert main_cli(workdir, folder, cli_env, epochs=2).returncode == 0
+  out = main_cli(workdir, folder, cli_env, prelude=SIGTERM_AFTER_LOADING)
+  assert_clean_error(out, 128 + signal.SIGTERM, '')
+  assert out.stderr.strip().splitlines()[-1] == (
+      'stopped by SIGTERM before training started (no checkpoint was written or changed); run '
+      'the same command to resume'), out.stderr[-2000:]
+  assert saved_epochs(workdir) == [1, 2]
+  assert [r['epoch'] for r in metrics_rows(workdir)] == [1, 2]
+  out = main_cli(workdir, folder, cli_env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
 @pytest.mark.parametrize('signame', ['SIGINT', 'SIGTERM'])
 def test_a_signal_at_any_moment_stops_cleanly(tmp_path, folder, cli_env, signame):
   """Start-up (imports, JAX), data decoding, the first compile, epochs: always a clean stop."""
