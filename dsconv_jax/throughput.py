@@ -3,6 +3,7 @@
     python -m dsconv_jax.throughput --config=configs/model3.py [--peer=pytorch|keras] [--json]
         [--depthwise_impl=grouped,shifted] [--compute_dtype=float32,bfloat16]
         [--dropout_impl=hash,threefry] [--steps=20] [--chunks=3] [--config.KEY=VALUE ...]
+        [--also="--config.KEY=VALUE ..." ...]
 
 Times whole compiled epochs of `dsconv_jax.steps` (a `lax.scan` of `--steps` train steps, each
 gathering its batch from a device-resident uint8 dataset, preprocessing, augmenting and updating,
@@ -13,6 +14,10 @@ chunk's (the least disturbed by other work on the machine).
 
 The comma-separated `--depthwise_impl`, `--compute_dtype` and `--dropout_impl` lists measure every
 combination side by side; the first of each list (default: the config's value) is the headline.
+Each `--also` is another configuration timed beside it in the same run: the config as given with
+more `--config.KEY=VALUE` overrides, quoted as one argument (shell quoting inside it), e.g.
+`--also="--config.model_kwargs.widths='(32,96,128)' --config.fit_params=99999"`; so architectures
+under design are compared on one machine at one moment, not across runs on a shared machine.
 `--peer=pytorch` (benchmarks/torch_model3.py: eager and torch.compile, NCHW and channels_last) or
 `--peer=keras` (benchmarks/keras_model3.py: the sources' Keras model, with and without XLA) trains
 the same model on the same kind of data with the same batch size; its best variant is the peer's
@@ -20,7 +25,8 @@ figure and `ratio` is ours / peer. All runners take their chunks in turn (round 
 change in the machine's load hits every runner alike.
 
 `--json` prints one JSON object: `device`, `batch_size`, `train_images_per_second`,
-`compile_seconds`, `epoch_seconds_50k` (seconds per 50,000-image epoch), `variants`, and with a
+`compile_seconds`, `epoch_seconds_50k` (seconds per 50,000-image epoch), `variants` (each with
+its `overrides`, '' for the config as given, and the model's `params` and `macs`), and with a
 peer `peer_images_per_second`, `peer_variant`, `peer_variants` and `ratio`.
 """
 
@@ -30,6 +36,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable
@@ -55,6 +62,9 @@ cli.flag(flags.DEFINE_string, 'compute_dtype', '',
 cli.flag(flags.DEFINE_string, 'dropout_impl', '',
          'Comma-separated dropout mask generators (hash, threefry); default: the '
          'config\'s.')
+cli.flag(flags.DEFINE_multi_string, 'also', [],
+         'Another configuration to time in the same run: --config.KEY=VALUE overrides on top of '
+         '--config, quoted as one argument; repeatable.')
 cli.flag(flags.DEFINE_bool, 'peer_compile', True,
          'Include the peer\'s compiled variants (torch.compile, Keras with XLA).')
 
@@ -81,10 +91,12 @@ class Runner:
 class JaxRunner(Runner):
   """Compiled epochs of `steps.make_train_epoch` for one config, on synthetic device data."""
 
-  def __init__(self, config, *, steps_per_chunk: int, variant: dict[str, str]):
+  def __init__(self, config, *, steps_per_chunk: int, variant: dict[str, str],
+               overrides: str = ''):
     self.config = config
     self.variant = variant
-    self.name = ' '.join(f'{k}={v}' for k, v in variant.items())
+    self.overrides = overrides
+    self.name = ' '.join([overrides] * bool(overrides) + [f'{k}={v}' for k, v in variant.items()])
     if steps_per_chunk <= 0:
       raise UsageError(f'--steps must be positive, got {steps_per_chunk}')
     self.steps_per_chunk = steps_per_chunk
@@ -99,6 +111,8 @@ class JaxRunner(Runner):
     # Exactly the run `main` builds, on synthetic data: one epoch is one timed chunk.
     data = experiment.synthetic_data(self.images_per_chunk, (size, size, 3), 10, config.seed)
     self.experiment = experiment.create_experiment(config, data)
+    report = self.experiment.description.report
+    self.params, self.macs = report.params_total, report.macs_total
     self.depthwise_resolved = layers.resolve_depthwise_impl(config.depthwise_impl)
     self.state = self.experiment.state
     self.compiled, compile_seconds = self.experiment.compile_epoch(self.state)
@@ -134,6 +148,47 @@ def variants_of(config, depthwise: str = '', dtypes: str = '',
     if bad:
       raise UsageError(f'--{key}: unknown value(s) {", ".join(bad)}; choose from {", ".join(ok)}')
   return [dict(zip(VARIANT_KEYS, combo)) for combo in itertools.product(*lists)]
+
+
+def configs_of(config, also: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+  """(overrides, config): the config as given, then one per `--also` string, parsed by
+  ml_collections' own `--config.KEY=VALUE` parser (as `main` parses them), so a key or value that
+  `main` would refuse is refused here too (a UsageError)."""
+  from ml_collections import config_flags
+  out = [('', config)]
+  for text in also:
+    try:
+      args = shlex.split(text)
+    except ValueError as e:
+      raise UsageError(f'--also={text!r}: {e}') from None
+    bad = [a for a in args if not (a.startswith('--config.') and '=' in a)]
+    if not args or bad:
+      raise UsageError(f'--also={text!r}: give --config.KEY=VALUE overrides only'
+                       + (f' (not {bad[0]!r})' if bad else ''))
+    argv = ['throughput', *args]
+    flag_values = flags.FlagValues()
+    try:  # `sys_argv` names the overrides to define as flags (else sys.argv's would be).
+      config_flags.DEFINE_config_dict('config', config.copy_and_resolve_references(),
+                                      flag_values=flag_values, lock_config=True, sys_argv=argv)
+      flag_values(argv)
+    except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+      # An unknown key: ml_collections raises AttributeError(KeyError("'key'")), bare texts.
+      key = e.args[0] if isinstance(e, AttributeError) and e.args else e
+      if isinstance(key, KeyError):
+        raise UsageError(f'--also={text!r}: the config has no key {key.args[0]}') from None
+      raise UsageError(f'--also={text!r}: {str(e).strip().splitlines()[0]}') from None
+    out.append((shlex.join(args), flag_values.config))
+  return out
+
+
+def plan(config, also=(), depthwise: str = '', dtypes: str = '', dropout: str = ''
+         ) -> list[tuple[str, Any, dict[str, str]]]:
+  """(overrides, config, variant) of every runner of ours, in order: each configuration (the one
+  given first, then each `also`) with every combination of its variants; the first is the
+  headline."""
+  return [(overrides, config_for(c, v), dict(v))
+          for overrides, c in configs_of(config, also)
+          for v in variants_of(c, depthwise, dtypes, dropout)]
 
 
 def config_for(config, variant: dict[str, str]):
@@ -195,6 +250,7 @@ def _measure(runners: list[Runner], chunks: int, log: Callable[[str], None]) -> 
 
 def measure(config, *, peer: str = '', steps_per_chunk: int = 20, chunks: int = 3,
             depthwise: str = '', dtypes: str = '', dropout: str = '', peer_compile: bool = True,
+            also: list[str] | tuple[str, ...] = (),
             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
   """Measures our training speed (and the peer's) and returns the JSON-ready result."""
   import jax
@@ -203,9 +259,8 @@ def measure(config, *, peer: str = '', steps_per_chunk: int = 20, chunks: int = 
   if steps_per_chunk <= 0 or chunks <= 0:
     raise UsageError('--steps and --chunks must be positive')
   peer_module = load_peer(peer) if peer else None
-  variants = variants_of(config, depthwise, dtypes, dropout)
-  ours = [JaxRunner(config_for(config, v), steps_per_chunk=steps_per_chunk, variant=dict(v))
-          for v in variants]
+  ours = [JaxRunner(c, steps_per_chunk=steps_per_chunk, variant=v, overrides=overrides)
+          for overrides, c, v in plan(config, also, depthwise, dtypes, dropout)]
   runners: list[Runner] = list(ours)
   if peer_module is not None:
     size = int(config.get('image_size', 0) or 32)
@@ -216,7 +271,9 @@ def measure(config, *, peer: str = '', steps_per_chunk: int = 20, chunks: int = 
 
   variant_rows = []
   for runner, res in zip(ours, results):
-    variant_rows.append({**runner.variant, 'depthwise_resolved': runner.depthwise_resolved,
+    variant_rows.append({'overrides': runner.overrides, **runner.variant,
+                         'params': runner.params, 'macs': runner.macs,
+                         'depthwise_resolved': runner.depthwise_resolved,
                          'train_images_per_second': res['images_per_second'],
                          'epoch_seconds_50k': res['epoch_seconds_50k'],
                          'compile_seconds': res['compile_seconds'],
@@ -232,6 +289,7 @@ def measure(config, *, peer: str = '', steps_per_chunk: int = 20, chunks: int = 
       'statistic': 'best chunk of each runner; chunks taken in turn (round robin)',
       'data': 'synthetic: random uint8 images and labels on the device',
       **{k: head[k] for k in VARIANT_KEYS},
+      'params': head['params'],
       'depthwise_resolved': head['depthwise_resolved'],
       'train_images_per_second': head['train_images_per_second'],
       'epoch_seconds_50k': head['epoch_seconds_50k'],
@@ -265,6 +323,8 @@ def format_result(result: dict[str, Any]) -> str:
            f'{"runner":<58} {"img/s":>9} {"s/epoch":>8} {"compile s":>9}']
   for row in result['variants']:
     name = 'dsconv_jax ' + ' '.join(f'{k}={row[k]}' for k in VARIANT_KEYS)
+    if row.get('overrides'):
+      lines.append(f'{row["overrides"]} ({row["params"]:,} params):')
     lines.append(f'{name:<58} {row["train_images_per_second"]:>9,.0f} '
                  f'{row["epoch_seconds_50k"]:>8.1f} {row["compile_seconds"]:>9.1f}')
   for row in result.get('peer_variants', []):
@@ -286,7 +346,8 @@ def run(argv) -> None:
   log = lambda s: print(s, file=sys.stderr, flush=True)
   result = measure(config, peer=FLAGS.peer, steps_per_chunk=FLAGS.steps, chunks=FLAGS.chunks,
                    depthwise=FLAGS.depthwise_impl, dtypes=FLAGS.compute_dtype,
-                   dropout=FLAGS.dropout_impl, peer_compile=FLAGS.peer_compile, log=log)
+                   dropout=FLAGS.dropout_impl, peer_compile=FLAGS.peer_compile,
+                   also=FLAGS.also, log=log)
   print(json.dumps(result, indent=2) if FLAGS.json else format_result(result), flush=True)
 
 

@@ -51,7 +51,8 @@ def pytest_configure(config):
   del config
   if os.environ.get('JAX_COMPILATION_CACHE_DIR') and not os.environ.get(_OWN_CACHE):
     return
-  path = tempfile.mkdtemp(prefix=f"dsconv-jax-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+  worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
+  path = tempfile.mkdtemp(prefix=f'dsconv-jax-cache-{worker}-')
   os.environ.update({_OWN_CACHE: path, 'JAX_COMPILATION_CACHE_DIR': path,
                      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
                      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'})

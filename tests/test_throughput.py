@@ -5,6 +5,7 @@ Only the shape of the results is tested, never a speed: timings on a shared CPU 
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -17,18 +18,29 @@ from dsconv_jax.errors import UsageError, UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A Keras-style model written in the config, as one shell-quoted --also argument.
+SEQUENTIAL = ('--config.model=sequential --config.layers=\''
+              '("SeparableConv2D(12, 3, use_bias=False)", "BatchNormalization()", '
+              '"SeparableConv2D(\\"num_classes\\", 3, use_bias=False)", '
+              '"GlobalAveragePooling2D()")\'')
+
+
 def test_cli_prints_one_json_object_with_every_variant():
   out = subprocess.run(
       [sys.executable, '-m', 'dsconv_jax.throughput', '--config=configs/tiny.py', '--json',
-       '--steps=2', '--chunks=1', '--depthwise_impl=shifted,grouped'],
+       '--steps=2', '--chunks=1', '--depthwise_impl=shifted', f'--also={SEQUENTIAL}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
   result = json.loads(out.stdout)
   for key in ('device', 'batch_size', 'train_images_per_second', 'compile_seconds',
-              'epoch_seconds_50k', 'variants', 'versions'):
+              'epoch_seconds_50k', 'variants', 'versions', 'params'):
     assert key in result, key
   assert result['batch_size'] == 8 and result['device'].startswith('cpu')
-  assert [v['depthwise_impl'] for v in result['variants']] == ['shifted', 'grouped']
-  assert result['depthwise_impl'] == 'shifted'  # The first listed value is the headline.
+  # The config as given, then the --also configuration (its model built, not only named).
+  tiny, other = result['variants']
+  assert tiny['overrides'] == '' and shlex.split(other['overrides']) == shlex.split(SEQUENTIAL)
+  assert [v['depthwise_impl'] for v in result['variants']] == ['shifted', 'shifted']
+  assert result['depthwise_impl'] == 'shifted' and result['params'] == tiny['params']
+  assert (tiny['params'], other['params']) == (235, 339) and tiny['macs'] < other['macs']
   for v in result['variants']:
     assert v['train_images_per_second'] > 0 and len(v['chunk_seconds']) == 1
     assert v['epoch_seconds_50k'] == pytest.approx(50_000 / v['train_images_per_second'])
@@ -43,6 +55,39 @@ def test_variants_are_every_combination_and_bad_values_are_usage_errors():
                          'dropout_impl': config.dropout_impl}
   with pytest.raises(UsageError, match='compute_dtype'):
     throughput.variants_of(config, '', 'float16', '')
+
+
+def test_the_plan_is_every_configuration_with_every_variant_headline_first():
+  config = get_testing_config()
+  runners = throughput.plan(config, ['--config.batch_size=4'], 'shifted,grouped', 'float32', '')
+  assert [(o, c.batch_size, v['depthwise_impl']) for o, c, v in runners] == [
+      ('', 8, 'shifted'), ('', 8, 'grouped'),
+      ('--config.batch_size=4', 4, 'shifted'), ('--config.batch_size=4', 4, 'grouped')]
+  assert all(c.depthwise_impl == v['depthwise_impl'] for _, c, v in runners)  # Applied.
+  # A variant key left unlisted takes each configuration's own value, an --also's included.
+  runners = throughput.plan(config, ['--config.compute_dtype=bfloat16'], 'shifted', '', '')
+  assert [v['compute_dtype'] for _, _, v in runners] == [config.compute_dtype, 'bfloat16']
+
+
+def test_also_configurations_take_mains_overrides_and_refuse_what_main_refuses():
+  from configs import dsresnet
+  config = dsresnet.get_config()
+  text = ("--config.model_kwargs.widths='(32,96,128)' --config.model_kwargs.blocks='(1,2,1)' "
+          '--config.fit_params=99999')
+  (base_label, base), (label, other) = throughput.configs_of(config, [text])
+  assert base is config and base_label == ''
+  assert tuple(other.model_kwargs.widths) == (32, 96, 128)
+  assert tuple(other.model_kwargs.blocks) == (1, 2, 1) and other.fit_params == 99999
+  assert tuple(config.model_kwargs.blocks) == (1, 1, 1) and config.fit_params == 0  # Untouched.
+  assert shlex.split(label) == shlex.split(text)  # Pastes back into a shell as it was.
+  for bad, message in [('--config.model_kwargs.depth=3', "the config has no key 'depth'$"),
+                       ('--config.num_epochs=many', 'invalid literal for int'),
+                       ('--config.fit_params', 'KEY=VALUE overrides only'),
+                       ('num_epochs=3', "not 'num_epochs=3'"),
+                       ('', 'KEY=VALUE overrides only'),
+                       ("--config.model_kwargs.widths='(1", 'No closing quotation')]:
+    with pytest.raises(UsageError, match=message):
+      throughput.configs_of(config, [bad])
 
 
 @pytest.mark.parametrize('peer,module,message', [('pytorch', 'torch', 'needs PyTorch'),
