@@ -321,10 +321,14 @@ def format_result(result: dict[str, Any]) -> str:
   lines = [f'{result["model"]} on {result["device"]}, batch {result["batch_size"]}, '
            f'{result["steps_per_chunk"]} steps per chunk, best of {result["chunks"]} chunks',
            f'{"runner":<58} {"img/s":>9} {"s/epoch":>8} {"compile s":>9}']
+  several = len({row.get('overrides', '') for row in result['variants']}) > 1
+  heading = None
   for row in result['variants']:
     name = 'dsconv_jax ' + ' '.join(f'{k}={row[k]}' for k in VARIANT_KEYS)
-    if row.get('overrides'):
-      lines.append(f'{row["overrides"]} ({row["params"]:,} params):')
+    if several and row.get('overrides', '') != heading:  # Each --also configuration's rows.
+      heading = row.get('overrides', '')
+      lines.append(f'{heading or "--config as given"} ({row["params"]:,} params, '
+                   f'{row["macs"] / 1e6:.1f}M MACs):')
     lines.append(f'{name:<58} {row["train_images_per_second"]:>9,.0f} '
                  f'{row["epoch_seconds_50k"]:>8.1f} {row["compile_seconds"]:>9.1f}')
   for row in result.get('peer_variants', []):

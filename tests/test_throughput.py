@@ -69,6 +69,23 @@ def test_the_plan_is_every_configuration_with_every_variant_headline_first():
   assert [v['compute_dtype'] for _, _, v in runners] == [config.compute_dtype, 'bfloat16']
 
 
+def test_the_table_heads_each_configurations_rows_only_when_there_are_several():
+  def row(overrides, params, impl):
+    return {'overrides': overrides, 'params': params, 'macs': 2.5e6, 'depthwise_impl': impl,
+            'compute_dtype': 'float32', 'dropout_impl': 'hash', 'train_images_per_second': 100.0,
+            'epoch_seconds_50k': 500.0, 'compile_seconds': 1.0}
+  result = {'model': 'tiny', 'device': 'cpu: cpu', 'batch_size': 8, 'steps_per_chunk': 2,
+            'chunks': 1, 'variants': [row('', 235, 'shifted'), row('', 235, 'grouped'),
+                                      row('--config.fit_params=300', 290, 'shifted')]}
+  lines = throughput.format_result(result).splitlines()
+  assert [l for l in lines if l.endswith('MACs):')] == [
+      '--config as given (235 params, 2.5M MACs):',
+      '--config.fit_params=300 (290 params, 2.5M MACs):']
+  assert lines.index('--config.fit_params=300 (290 params, 2.5M MACs):') == len(lines) - 2
+  result['variants'] = result['variants'][:2]
+  assert 'MACs' not in throughput.format_result(result)  # One configuration: no headings.
+
+
 def test_also_configurations_take_mains_overrides_and_refuse_what_main_refuses():
   from configs import dsresnet
   config = dsresnet.get_config()
