@@ -11,7 +11,11 @@ In order, each timed (wall seconds, start-up and compilation included):
    1,967 s; the product's goal is under 20 s of training) -> model3-summary.json and
    model3-metrics.jsonl;
 3. the project's own model, `bench` over seeds 0-4, 50 epochs each (goal: mean final test
-   accuracy 92%) -> bench.json;
+   accuracy 92%) -> bench.json; first its training speed in both depthwise forms, in the
+   configuration bench trains (`configs/dsresnet.py` with the overrides below) ->
+   throughput-dsresnet.json, and bench trains with the faster form (`bench_depthwise_impl` in
+   accelerator.json) unless the overrides name one: XLA's backward pass for grouped
+   convolutions is slow on NVIDIA GPUs (jax-ml/jax#13800), where 'auto' means grouped;
 then accelerator.json: the device, versions, each step's command, wall seconds and exit status, and
 the headline figures, rewritten after every step, so that a call cut off at its time limit still
 brings back what its finished steps measured. Everything goes to --out (at most 8 files, no
@@ -202,9 +206,27 @@ def main(argv=None) -> int:
       if args.overrides:  # bench resumes seeds by workdir: another recipe needs its own.
         bench_dir += '-' + hashlib.sha1(' '.join(args.overrides).encode()).hexdigest()[:8]
       seeds = args.seeds or ('0' if args.smoke else '0,1,2,3,4')
+      form = []
+      if not any(o.startswith('--config.depthwise_impl=') for o in args.overrides):
+        # The own model's two depthwise forms, in the configuration bench trains: XLA's
+        # grouped-convolution backward pass is slow on NVIDIA GPUs (jax-ml/jax#13800), so 'auto'
+        # (grouped off the CPU) may be the slower there. Smoke: one form (the grouped one costs
+        # the CPU ~8 s a step and another compilation).
+        forms = ['dsconv_jax.throughput', '--config=configs/dsresnet.py', '--json',
+                 *args.overrides]
+        forms += (['--depthwise_impl=shifted', '--steps=1', '--chunks=1',
+                   '--config.batch_size=16'] if args.smoke else
+                  ['--depthwise_impl=grouped,shifted', '--steps=50', '--chunks=3'])
+        with open(os.path.join(out, 'throughput-dsresnet.json'), 'w') as f:
+          _run('throughput_dsresnet', forms, log, steps, timeout, stdout=f)
+        write_result()
+        fastest = _fastest_form(out)  # None if the timing failed: bench keeps 'auto'.
+        if fastest:
+          form = [f'--config.depthwise_impl={fastest}']
+          result['bench_depthwise_impl'] = fastest
       _run('bench_dsresnet', ['dsconv_jax.bench', '--config=configs/dsresnet.py',
                               f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short,
-                              *args.overrides],
+                              *args.overrides, *form],
            log, steps, timeout)
       if not _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json')):
         result['bench_seeds_finished'] = _finished_seeds(bench_dir)  # Stopped before the end.
@@ -226,16 +248,28 @@ def _finished_seeds(bench_dir: str) -> dict:
   return found
 
 
+def _load(out: str, name: str):
+  """A JSON file of `out`; None for one a stopped step left missing, empty or cut short."""
+  try:
+    with open(os.path.join(out, name)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _fastest_form(out: str) -> str | None:
+  """The depthwise form that trained the own model fastest in throughput-dsresnet.json."""
+  forms = _load(out, 'throughput-dsresnet.json')
+  if not forms or not forms.get('variants'):
+    return None
+  best = max(forms['variants'], key=lambda v: v['train_images_per_second'])
+  return best['depthwise_impl']
+
+
 def _headline(out: str) -> dict:
   """The figures the issues ask for, read back from what the steps wrote."""
   headline = {}
-  def load(name):  # None for a file a stopped step left missing, empty or cut short.
-    try:
-      with open(os.path.join(out, name)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
-
+  load = lambda name: _load(out, name)
   throughput = load('throughput.json')
   if throughput:
     headline['device'] = throughput['device']
@@ -244,6 +278,10 @@ def _headline(out: str) -> dict:
         for v in throughput['variants']}
     if 'ratio' in throughput:
       headline['ratio_to_pytorch'] = throughput['ratio']
+  forms = load('throughput-dsresnet.json')
+  if forms:
+    headline['dsresnet_forms'] = {v['depthwise_impl']: round(v['train_images_per_second'])
+                                  for v in forms['variants']}
   model3 = load('model3-summary.json')
   if model3:
     headline['model3'] = {k: model3[k] for k in ('train_seconds', 'max_val_accuracy',

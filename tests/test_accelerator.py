@@ -17,10 +17,17 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
                         capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((out / 'accelerator.json').read_text())
-  assert [s['name'] for s in result['steps']] == ['throughput', 'model3', 'bench_dsresnet']
+  assert [s['name'] for s in result['steps']] == [
+      'throughput', 'model3', 'throughput_dsresnet', 'bench_dsresnet']
   assert all(s['exit_status'] == 0 and s['wall_seconds'] > 0 for s in result['steps'])
   headline = result['headline']
   assert set(headline['throughput']) == {'auto/bfloat16'}
+  # The own model's forms are timed in the configuration bench trains (its overrides), and
+  # bench trains with the fastest form timed (the smoke run times only 'shifted').
+  forms = json.loads((out / 'throughput-dsresnet.json').read_text())
+  assert forms['model'] == 'dsresnet' and set(headline['dsresnet_forms']) == {'shifted'}
+  assert '--config.augment=crop' in result['steps'][2]['command']
+  assert result['bench_depthwise_impl'] == 'shifted'
   assert headline['model3']['epochs'] == 1 and headline['model3']['source_seconds'] == 1967
   assert headline['dsresnet']['n'] == 1
   # The overrides after -- reach bench's runs (a candidate recipe measured over seeds), in a
@@ -31,11 +38,30 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   assert len(bench_dirs) == 1 and bench_dirs[0] != 'bench-dsresnet', bench_dirs
   config = json.loads((tmp_path / 'runs' / bench_dirs[0] / 'seed_0' / 'summary.json').read_text())[
       'config']
-  assert (config['augment'], config['label_smoothing']) == ('crop', 0.2)
+  assert (config['augment'], config['label_smoothing'], config['depthwise_impl']) == (
+      'crop', 0.2, 'shifted')
   # What comes back from the device: at most 8 plain files, no folders.
   names = sorted(os.listdir(out))
   assert names == ['accelerator.json', 'bench.json', 'log.txt', 'model3-metrics.jsonl',
-                   'model3-summary.json', 'throughput.json']
+                   'model3-summary.json', 'throughput-dsresnet.json', 'throughput.json']
+
+
+def test_bench_takes_the_depthwise_form_that_trained_fastest(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import accelerator  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  assert accelerator._fastest_form(str(tmp_path)) is None  # Not timed in this call: 'auto'.
+  rows = [{'depthwise_impl': 'grouped', 'train_images_per_second': 9000.0},
+          {'depthwise_impl': 'shifted', 'train_images_per_second': 21000.0}]
+  (tmp_path / 'throughput-dsresnet.json').write_text(json.dumps({'variants': rows}))
+  assert accelerator._fastest_form(str(tmp_path)) == 'shifted'
+  rows[0]['train_images_per_second'] = 30000.0
+  (tmp_path / 'throughput-dsresnet.json').write_text(json.dumps({'variants': rows}))
+  assert accelerator._fastest_form(str(tmp_path)) == 'grouped'
+  (tmp_path / 'throughput-dsresnet.json').write_text('{"variants": [{"depthwise_')  # Cut short.
+  assert accelerator._fastest_form(str(tmp_path)) is None
 
 
 def _accelerator(tmp_path, cli_env, *flags):
@@ -52,11 +78,21 @@ def test_accelerator_script_runs_the_steps_asked_and_stops_one_at_its_timeout(tm
   assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((tmp_path / 'out' / 'accelerator.json').read_text())
   assert [(s['name'], s['exit_status']) for s in result['steps']] == [
-      ('model3', 124), ('bench_dsresnet', 124)]
+      ('model3', 124), ('throughput_dsresnet', 124), ('bench_dsresnet', 124)]
   assert all(3 <= s['wall_seconds'] < 60 for s in result['steps'])
   assert result['bench_seeds_finished'] == {}
   assert 'model3' not in result['headline'] and 'dsresnet' not in result['headline']
   assert not (tmp_path / 'out' / 'throughput.json').exists()
+  # The forms' timing was stopped too: bench keeps the config's depthwise form ('auto').
+  assert 'bench_depthwise_impl' not in result and 'depthwise_impl' not in result['steps'][2][
+      'command']
+  # A form named in the overrides is what bench trains with, and nothing is timed to pick one.
+  done = _accelerator(tmp_path / 'named', cli_env, '--only=bench', '--step_timeout=3', '--',
+                      '--config.depthwise_impl=grouped')
+  result = json.loads((tmp_path / 'named' / 'out' / 'accelerator.json').read_text())
+  assert [s['name'] for s in result['steps']] == ['bench_dsresnet'], done.stderr[-2000:]
+  assert result['steps'][0]['command'].count('depthwise_impl') == 1
+  assert 'bench_depthwise_impl' not in result
 
 
 def test_accelerator_script_refuses_unknown_steps(tmp_path, cli_env):
