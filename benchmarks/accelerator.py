@@ -2,7 +2,7 @@
 
     bash benchmarks/accelerator.sh --data=.data/cifar10-jpeg [--out=$OUT]   # on the GPU machine
     bash benchmarks/accelerator.sh --smoke --out=/tmp/acc                   # anywhere, ~2 minutes
-    bash benchmarks/accelerator.sh --data=... --only=bench -- --config.model_kwargs.blocks='(1,2,1)'
+    bash benchmarks/accelerator.sh --data=... --only=bench -- --config.model_kwargs.blocks='(1,1,1)'
 
 In order, each timed (wall seconds, start-up and compilation included):
 1. `throughput` of Model 3 against PyTorch (when torch is installed) for the depthwise forms

@@ -16,8 +16,9 @@ The comma-separated `--depthwise_impl`, `--compute_dtype` and `--dropout_impl` l
 combination side by side; the first of each list (default: the config's value) is the headline.
 Each `--also` is another configuration timed beside it in the same run: the config as given with
 more `--config.KEY=VALUE` overrides, quoted as one argument (shell quoting inside it), e.g.
-`--also="--config.model_kwargs.widths='(32,96,128)' --config.fit_params=99999"`; so architectures
-under design are compared on one machine at one moment, not across runs on a shared machine.
+`--also="--config.model_kwargs.widths='(40,80,160)' --config.model_kwargs.blocks='(1,1,1)'"`;
+so architectures under design are compared on one machine at one moment, not across runs on a
+shared machine.
 `--peer=pytorch` (benchmarks/torch_model3.py: eager and torch.compile, NCHW and channels_last) or
 `--peer=keras` (benchmarks/keras_model3.py: the sources' Keras model, with and without XLA) trains
 the same model on the same kind of data with the same batch size; its best variant is the peer's

@@ -517,6 +517,18 @@ def test_dsresnet_fits_the_rules_and_sees_the_whole_image():
                         'MaxPool2D', 'GlobalAvgPool') for l in report.layers)
 
 
+def test_the_dsresnet_config_fits_its_middle_stage_architecture_under_the_budget():
+  # configs/dsresnet.py: widths (32,96,128), blocks (1,2,1), refitted to the widest multiplier on
+  # the 1/64 grid below 100,000 parameters (the runs of results/dsresnet-mid121-*-cpu-50ep).
+  from test_models import load_config
+  description = experiment.describe_model(load_config('dsresnet'), (32, 32, 3), 10)
+  report = description.report
+  assert description.width['width_multiplier'] == 63 / 64
+  assert (report.params_total, description.width['next_params_total']) == (97_378, 100_632)
+  assert report.violations == [] and report.receptive_field_status == 'covers'
+  assert report.macs_total == 22_490_624
+
+
 def test_dsresnet_width_multiplier_fits_a_budget():
   model = models.create_model('dsresnet')
   assert budget.declares_width_multiplier(model)

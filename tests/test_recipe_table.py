@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(directory, config, test_accuracy, **extra):
   directory.mkdir(parents=True)
-  summary = {'config': config.to_dict(), 'params_total': 95_456, 'max_val_accuracy': 0.8,
+  summary = {'config': config.to_dict(), 'params_total': 97_378, 'max_val_accuracy': 0.8,
              'best_epoch': 10, 'test_accuracy': test_accuracy, 'test_accuracy_tta_flip': 0.81,
              'train_seconds': 1234.5, 'image_shape': [32, 32, 3],
              'class_names': [str(i) for i in range(10)], **extra}
@@ -33,8 +33,8 @@ def test_recipe_table_lists_changes_cost_and_difference_to_the_baseline(tmp_path
                          other, f'--multicrop={base}=0.847'], capture_output=True, text=True,
                         check=True, timeout=300)
   rows = [line.split(' | ') for line in done.stdout.splitlines()[2:]]
-  assert rows[0] == ['| `base`', '(baseline)', '95,456', '19.5M', '80.00% (10)', '83.61%',
+  assert rows[0] == ['| `base`', '(baseline)', '97,378', '22.5M', '80.00% (10)', '83.61%',
                      '81.00%', '84.70%*', '52.00%', '1,234', '+0.00 |']
-  assert rows[1] == ['| `other`', "label_smoothing=0.2, model_kwargs.expansion=3", '95,456',
+  assert rows[1] == ['| `other`', "label_smoothing=0.2, model_kwargs.expansion=3", '97,378',
                      '20.5M', '80.00% (10)', '82.80%', '81.00%', '83.84%', '52.00%', '1,234',
                      '-0.81 |']

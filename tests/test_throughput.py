@@ -89,13 +89,13 @@ def test_the_table_heads_each_configurations_rows_only_when_there_are_several():
 def test_also_configurations_take_mains_overrides_and_refuse_what_main_refuses():
   from configs import dsresnet
   config = dsresnet.get_config()
-  text = ("--config.model_kwargs.widths='(32,96,128)' --config.model_kwargs.blocks='(1,2,1)' "
-          '--config.fit_params=99999')
+  text = ("--config.model_kwargs.widths='(40,80,160)' --config.model_kwargs.blocks='(1,1,1)' "
+          '--config.fit_params=0')
   (base_label, base), (label, other) = throughput.configs_of(config, [text])
   assert base is config and base_label == ''
-  assert tuple(other.model_kwargs.widths) == (32, 96, 128)
-  assert tuple(other.model_kwargs.blocks) == (1, 2, 1) and other.fit_params == 99999
-  assert tuple(config.model_kwargs.blocks) == (1, 1, 1) and config.fit_params == 0  # Untouched.
+  assert tuple(other.model_kwargs.widths) == (40, 80, 160)
+  assert tuple(other.model_kwargs.blocks) == (1, 1, 1) and other.fit_params == 0
+  assert tuple(config.model_kwargs.blocks) == (1, 2, 1) and config.fit_params == 99999  # Untouched.
   assert shlex.split(label) == shlex.split(text)  # Pastes back into a shell as it was.
   for bad, message in [('--config.model_kwargs.depth=3', "the config has no key 'depth'$"),
                        ('--config.num_epochs=many', 'invalid literal for int'),
