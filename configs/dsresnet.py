@@ -37,7 +37,8 @@ so a mean of +0.74 points test for this architecture over two seeds each (seed 1
 test, +0.73 multi-crop TTA). Without cutout (--config.augment=crop,flip), 50 epochs is still to
 be measured; at 10 epochs cutout cost 1.13 points (results/recipe10-cpu, whose baseline is
 crop,flip: 83.61% test). The run that opened issue 16 (the recipe before the PreciseBN
-evaluation and cutout, made outside the project): 84.89% final test, 87.59% with statistics recomputed offline, 98.0% on training images.
+evaluation and cutout, made outside the project): 84.89% final test, 87.59% with statistics
+recomputed offline, 98.0% on training images.
 """
 
 import ml_collections
