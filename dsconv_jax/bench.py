@@ -60,6 +60,21 @@ def _normalized(obj: Any) -> Any:
   return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def _without_fitted_width(config: dict[str, Any] | None) -> dict[str, Any] | None:
+  """`config` (a dict) without the width multiplier that `fit_params` chose, when it is on.
+
+  A run saves the config it built the model from, in which `budget.resolve_width` has set
+  `model_kwargs.width_multiplier`; the config given to bench has none (or one that the fit
+  replaces). The multiplier follows from the rest of the config, so it is left out of the
+  comparison rather than searched for again (a search builds the model up to ~10 times).
+  """
+  if not config or not config.get('fit_params'):
+    return config
+  kwargs = {k: v for k, v in (config.get('model_kwargs') or {}).items()
+            if k != 'width_multiplier'}
+  return {**config, 'model_kwargs': kwargs}
+
+
 def finished_summary(seed_dir: str, config) -> dict[str, Any] | None:
   """The run's summary if it finished all epochs with exactly this config, else None."""
   path = os.path.join(seed_dir, 'summary.json')
@@ -67,7 +82,8 @@ def finished_summary(seed_dir: str, config) -> dict[str, Any] | None:
     return None
   with open(path) as f:
     summary = json.load(f)
-  if summary.get('config') != _normalized(config.to_dict()):
+  if _without_fitted_width(summary.get('config')) != _without_fitted_width(
+      _normalized(config.to_dict())):
     return None
   return summary if summary.get('epochs') == config.num_epochs else None
 

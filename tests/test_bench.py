@@ -105,3 +105,29 @@ def test_bad_seeds_are_usage_errors():
     bench.parse_seeds(['0', 'x'])
   with pytest.raises(UsageError):
     bench.parse_seeds(['1', '1'])
+
+
+def test_a_finished_seed_of_a_fitted_model_is_kept(tmp_path):
+  """With fit_params on, a run saves the config with the width multiplier the fit chose, which the
+  config given to bench lacks: the seed still counts as finished (the H200 bench of issue 16
+  re-evaluated every finished seed of configs/dsresnet.py instead), and any other change does not."""
+  from dsconv_jax import budget  # pylint: disable=g-import-not-at-top
+  from test_models import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config('dsresnet')
+  fitted, info = budget.resolve_width(config, (32, 32, 3), 10)
+  assert 0 < info['width_multiplier'] < 1  # What a run saves differs from what bench is given.
+  assert 'width_multiplier' not in config.model_kwargs
+  seed_dir = tmp_path / 'seed_0'
+  seed_dir.mkdir()
+  summary = {'config': bench._normalized(fitted.to_dict()), 'epochs': config.num_epochs,
+             'test_accuracy': 0.5}
+  (seed_dir / 'summary.json').write_text(json.dumps(summary))
+  assert bench.finished_summary(str(seed_dir), config) == summary
+  for key, value in (('fit_params', 80_000), ('learning_rate', 0.1), ('num_epochs', 49)):
+    other = config.copy_and_resolve_references()
+    with other.unlocked():
+      other[key] = value
+    assert bench.finished_summary(str(seed_dir), other) is None, key
+  other = config.copy_and_resolve_references()
+  other.model_kwargs.widths = (32, 96, 120)
+  assert bench.finished_summary(str(seed_dir), other) is None

@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def recorded_runs(model: str, min_epochs: int):
   """(folder, metrics rows) of every results/ run of `model` with at least `min_epochs` epochs."""
   runs = []
-  for path in sorted(glob.glob(os.path.join(ROOT, 'results', '*', 'summary.json'))):
+  # Recursive: a bench folder keeps each seed's run in seed_<n>/ (results/gpu-h200-dsresnet-bench).
+  for path in sorted(glob.glob(os.path.join(ROOT, 'results', '**', 'summary.json'),
+                               recursive=True)):
     with open(path) as f:
       summary = json.load(f)
     if summary.get('model') != model or summary.get('epochs', 0) < min_epochs:
