@@ -37,9 +37,10 @@ so a mean of +0.74 points test for this architecture over two seeds each (seed 1
 test, +0.73 multi-crop TTA). On an H200, seeds 0-2 (results/gpu-h200-dsresnet-bench): 88.25 ±
 0.11% test, 89.06% multi-crop TTA. Without cutout (--config.augment=crop,flip), seed 0
 (results/dsresnet-mid121-nocutout-cpu-50ep): 87.95% / 88.85% / 89.17%, inside the seed spread of
-the run with it (at 10 epochs cutout cost 1.13 points, results/recipe10-cpu); cutout stays. The run that opened issue 16 (the recipe before the PreciseBN
-evaluation and cutout, made outside the project): 84.89% final test, 87.59% with statistics
-recomputed offline, 98.0% on training images.
+the run with it (at 10 epochs cutout cost 1.13 points, results/recipe10-cpu); cutout stays.
+The run that opened issue 16 (the recipe before the PreciseBN evaluation and cutout, made
+outside the project): 84.89% final test, 87.59% with statistics recomputed offline, 98.0% on
+training images.
 """
 
 import ml_collections
