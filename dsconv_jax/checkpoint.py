@@ -104,6 +104,7 @@ class Checkpoints:
     # The newest whole checkpoint, and the epoch whose background save is in flight.
     self._saved: int | None = max(self.epochs(), default=None)
     self._pending: int | None = None
+    self._failed = False  # A save failed: Orbax's threads may still log it, the filter stays.
     # Orbax logs through absl's logger in some versions and its own module loggers in others; all
     # reach the root logger's handlers (absl's among them), so the filter sits on those too.
     self._quiet = _QuietOrbaxErrors()
@@ -120,6 +121,7 @@ class Checkpoints:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
       # Orbax and tensorstore raise ValueError, RuntimeError or OSError for the same full disk.
       kept = (f'the checkpoint of epoch {self._saved} is intact' if self._saved else
               'no epoch is saved yet')
@@ -195,11 +197,19 @@ class Checkpoints:
     try:
       self.wait()
     except BaseException:
-      # After a failed save Orbax's threads may still log it after the manager is closed, so the
-      # filter stays for the rest of the process (our error line reports the failure).
-      with contextlib.suppress(Exception):
-        self.manager.close()
+      self._failed = True
       raise
+    finally:
+      # After a failed save (here, or earlier in `save` itself, where the manager's synchronous
+      # part raised while its write threads ran on) Orbax's threads may still log it after the
+      # manager is closed, so the filter stays for the rest of the process (our error line
+      # reports the failure). A fresh-clone CI run of 2026-12-04 printed such a late traceback
+      # when only a failure in `close` kept the filter.
+      if self._failed:
+        with contextlib.suppress(Exception):
+          self.manager.close()
+    if self._failed:
+      return
     self.manager.close()
     for target in self._filtered:
       target.removeFilter(self._quiet)

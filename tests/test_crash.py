@@ -404,3 +404,31 @@ def test_checkpoints_of_another_model_are_an_error_not_a_fresh_start(tmp_path):
   checkpoints.close()
   assert saved_epochs(str(tmp_path)) == [1, 2]  # Nothing was moved aside.
   assert not os.path.exists(directory + '.damaged')
+
+
+def test_orbax_error_logs_stay_filtered_after_close_once_a_save_failed(tmp_path):
+  # A save can fail in its synchronous part while Orbax's write threads run on and log the same
+  # failure with a traceback later, after the run has closed its checkpoints (a fresh-clone CI run
+  # of 2026-12-04 printed one): the filter must outlive close() whenever any save failed, and a
+  # clean close must remove it.
+  import logging  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger('absl')
+  quiet = lambda: [f for f in absl_logger.filters
+                   if isinstance(f, checkpoint_lib._QuietOrbaxErrors)]
+  before = quiet()
+  clean = checkpoint_lib.Checkpoints(str(tmp_path / 'clean'))
+  clean.save(1, {'x': np.zeros(2, np.float32)})
+  clean.close()
+  assert quiet() == before
+  failing = checkpoint_lib.Checkpoints(str(tmp_path / 'failing'))
+  def no_space(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+  failing.manager.save = no_space
+  with pytest.raises(UserError, match='No space left on device'):
+    failing.save(1, {'x': np.zeros(2, np.float32)})
+  failing.close()  # Nothing in flight: returns quietly.
+  try:
+    assert failing._quiet in quiet()
+  finally:
+    for target in failing._filtered:
+      target.removeFilter(failing._quiet)
