@@ -15,10 +15,10 @@ config's until issue 16's 50-epoch runs put the middle-stage architecture ahead 
 --config.model_kwargs.widths='(40,80,160)' --config.model_kwargs.blocks='(1,1,1)'
 --config.fit_params=0 trains them.
 
-Recipe (each part a config key, off in the source configs): SGD with Nesterov momentum, batch 256,
-lr 0.2 with a 2-epoch linear warm-up then cosine to 0 per step, weight decay 5e-4 on kernels only,
-label smoothing 0.1, an EMA of the weights (0.999) for evaluation with BatchNorm statistics
-recomputed for those weights over 20 training batches before each evaluation (PreciseBN,
+Recipe (each part a config key, off in the source configs): SGD with Nesterov momentum, batch 128,
+lr 0.1 with a 2-epoch linear warm-up then cosine to 0 per step, weight decay 5e-4 on kernels only,
+no label smoothing, an EMA of the weights (0.999) for evaluation with BatchNorm statistics
+recomputed for those weights over 40 training batches before each evaluation (PreciseBN,
 `bn_recalibrate_batches`: the moving statistics belong to the live weights, which cost a 50-epoch
 run 2.5 points at the end, issue 16), per-channel standardisation, random crop (reflect pad 4),
 horizontal flip and cutout (one 8x8 square; the regulariser for the 10-point train/test gap of
@@ -29,6 +29,11 @@ reported beside test_accuracy.
 
 Goal: 92% final test accuracy in 50 epochs (mean of 5 seeds); best source result 84.5%.
 Measured, 50 epochs on the whole CIFAR-10 JPEG copy, CPU (test / flip TTA / multi-crop TTA):
+  this config, seed 0 (results/dsresnet-b128-ls0-cpu-50ep): 88.62% / 88.77% / 89.24%
+the best 50-epoch figure so far. The runs below trained the recipe before it (batch 256, lr 0.2,
+label smoothing 0.1, 20 recalibration batches: --config.batch_size=256 --config.learning_rate=0.2
+--config.label_smoothing=0.1 --config.bn_recalibrate_batches=20); with it this architecture
+averaged 88.25% test over five seeded runs (the two CPU seeds below and three H200 seeds):
   this architecture, seed 0 (results/dsresnet-mid121-cpu-50ep): 88.09% / 88.66% / 88.92%
   this architecture, seed 1 (results/dsresnet-mid121-seed1-cpu-50ep): 88.40% / 88.73% / 89.03%
   former default (40,80,160)/(1,1,1), seed 0 (results/dsresnet-cpu-50ep): 87.73% / 88.14% / 88.58%
@@ -62,19 +67,21 @@ def get_config():
   # found again for any override of the architecture; 0 builds the widths as given.
   config.fit_params = 99_999
   config.bn_momentum = 0.9  # Keras' 0.99 settles too slowly for short runs (models.DSResNet).
-  config.batch_size = 256
+  # Batch 128 / lr 0.1 and no label smoothing: +0.53 points test over batch 256 / lr 0.2 / 0.1
+  # at 50 epochs, seed 0 (results/dsresnet-b128-ls0-cpu-50ep; the two changes were stacked).
+  config.batch_size = 128
   config.normalization = 'standardize'
   config.augment = 'crop,flip,cutout'  # results/dsresnet-cpu-50ep; 'crop,flip' to leave it out.
   config.optimizer = 'sgd'
   config.momentum = 0.9
   config.nesterov = True
-  config.learning_rate = 0.2
+  config.learning_rate = 0.1
   config.lr_schedule = 'cosine'
   config.warmup_epochs = 2.0
   config.weight_decay = 5e-4
-  config.label_smoothing = 0.1
+  config.label_smoothing = 0.0
   config.ema_decay = 0.999
-  config.bn_recalibrate_batches = 20  # Statistics for the EMA weights that are evaluated.
+  config.bn_recalibrate_batches = 40  # 5,120 images: statistics for the EMA weights evaluated.
   config.tta_flip = True
   config.tta_translate = 1  # Multi-crop TTA, reported as test_accuracy_tta_multicrop.
   return config

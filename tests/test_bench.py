@@ -123,7 +123,7 @@ def test_a_finished_seed_of_a_fitted_model_is_kept(tmp_path):
              'test_accuracy': 0.5}
   (seed_dir / 'summary.json').write_text(json.dumps(summary))
   assert bench.finished_summary(str(seed_dir), config) == summary
-  for key, value in (('fit_params', 80_000), ('learning_rate', 0.1), ('num_epochs', 49)):
+  for key, value in (('fit_params', 80_000), ('learning_rate', 0.05), ('num_epochs', 49)):
     other = config.copy_and_resolve_references()
     with other.unlocked():
       other[key] = value
