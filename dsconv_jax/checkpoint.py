@@ -208,8 +208,7 @@ class Checkpoints:
       if self._failed:
         with contextlib.suppress(Exception):
           self.manager.close()
-    if self._failed:
-      return
-    self.manager.close()
-    for target in self._filtered:
-      target.removeFilter(self._quiet)
+      else:
+        self.manager.close()
+        for target in self._filtered:
+          target.removeFilter(self._quiet)
