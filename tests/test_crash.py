@@ -281,10 +281,10 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (30000, 30000))
 # The tmpfs fills up just as epoch 2's checkpoint starts (epoch 1's is complete, epoch 2's
 # metrics line written): a ballast file takes every free block, so Orbax's first write of the
 # checkpoint fails with ENOSPC from the kernel. Filling at a fixed moment rather than sizing the
-# free space in bytes: a checkpoint of configs/tiny.py is 10 to 24 files of one 4 KiB block each
-# (tensorstore's OCDBT data files vary with timing), and Orbax deletes step N-2 in the background,
-# so a byte budget let the failure fall on epoch 1, 2, 3 or the summary's plots (a fresh-clone CI
-# run saved every epoch and failed at the plots).
+# free space in bytes: a checkpoint of configs/tiny.py is 10 to over 20 files of one 4 KiB block
+# each (the number of tensorstore's OCDBT data files varies with timing), and Orbax deletes step
+# N-2 in the background, so a byte budget let the failure fall on one save or another or on the
+# summary's plots (a fresh-clone CI run saved every epoch and failed at the plots).
 FILL_BEFORE_SECOND_SAVE = '''
 import os
 from dsconv_jax import checkpoint as _checkpoint
