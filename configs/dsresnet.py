@@ -32,10 +32,11 @@ Measured, 50 epochs on the whole CIFAR-10 JPEG copy, CPU (test / flip TTA / mult
   this config, seed 0 (results/dsresnet-b128-ls0-cpu-50ep): 88.62% / 88.77% / 89.24%
 the best 50-epoch figure so far. With GELU and batch 64 / lr 0.05 on top (seed 0,
 results/dsresnet-gelu-b64-cpu-50ep): 88.31% / 88.89% / 89.35%, ahead at each of epochs 1-36 and
-level at the end, so neither is taken. The runs below trained the recipe before it (batch 256, lr 0.2,
-label smoothing 0.1, 20 recalibration batches: --config.batch_size=256 --config.learning_rate=0.2
---config.label_smoothing=0.1 --config.bn_recalibrate_batches=20); with it this architecture
-averaged 88.25% test over five seeded runs (the two CPU seeds below and three H200 seeds):
+level at the end, so neither is taken. The runs below trained the config's former recipe
+(batch 256, lr 0.2, label smoothing 0.1, 20 recalibration batches: --config.batch_size=256
+--config.learning_rate=0.2 --config.label_smoothing=0.1 --config.bn_recalibrate_batches=20);
+with it this architecture averaged 88.25% test over five seeded runs (the two CPU seeds below
+and three H200 seeds):
   this architecture, seed 0 (results/dsresnet-mid121-cpu-50ep): 88.09% / 88.66% / 88.92%
   this architecture, seed 1 (results/dsresnet-mid121-seed1-cpu-50ep): 88.40% / 88.73% / 89.03%
   former default (40,80,160)/(1,1,1), seed 0 (results/dsresnet-cpu-50ep): 87.73% / 88.14% / 88.58%
