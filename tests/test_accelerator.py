@@ -127,3 +127,19 @@ def test_device_prep_refuses_a_folder_that_is_not_an_image_dataset(tmp_path):
                          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert done.returncode == 1 and done.stderr == (
       f'error: {tmp_path} is not an image-folder dataset (no train/ and test/ in it)\n')
+
+
+def test_every_issue16_gpu_candidate_parses_and_fits_the_rules():
+  # BENCHMARKS.md's sweep feeds each line of benchmarks/candidates16.txt to bench as overrides of
+  # configs/dsresnet.py: a typo or an architecture over the budget would cost a GPU call.
+  from dsconv_jax import experiment, throughput
+  from test_models import load_config
+  with open(os.path.join(ROOT, 'benchmarks', 'candidates16.txt')) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  assert len(lines) >= 5
+  candidates = throughput.configs_of(load_config('dsresnet'), lines)[1:]
+  for text, (overrides, config) in zip(lines, candidates):
+    report = experiment.describe_model(config, (32, 32, 3), 10).report
+    assert report.violations == [] and report.params_total < 100_000, text
+    assert report.receptive_field_status == 'covers', text
+    assert overrides != '', text
