@@ -66,10 +66,12 @@ def get_config():
   # The architecture, each field overridable: --config.model_kwargs.kernel_size=5,
   # --config.model_kwargs.widths='(32,64,112)' --config.model_kwargs.blocks='(1,2,2)'
   # --config.model_kwargs.activation=gelu, --config.model_kwargs.expansion=3 (inverted residual
-  # blocks, MobileNetV2's; 0 = the basic block of two depthwise-separable convs).
+  # blocks, MobileNetV2's; 0 = the basic block of two depthwise-separable convs),
+  # --config.model_kwargs.depthwise_norm=bn_act (BatchNorm and activation between each depthwise
+  # and its pointwise, MobileNetV1's layer; 'bn' the BatchNorm alone; '' Keras' SeparableConv2D).
   config.model_kwargs = ml_collections.ConfigDict(
       {'widths': (32, 96, 128), 'blocks': (1, 2, 1), 'stem_multiplier': 8, 'kernel_size': 3,
-       'activation': 'relu', 'expansion': 0})
+       'activation': 'relu', 'expansion': 0, 'depthwise_norm': ''})
   # The width multiplier that keeps the parameters under 100,000 (63/64 for the widths above),
   # found again for any override of the architecture; 0 builds the widths as given.
   config.fit_params = 99_999

@@ -116,6 +116,9 @@ class Separable80k(nn.Module):
     return GlobalAvgPool()(x, train)
 
 
+DEPTHWISE_NORMS = ('', 'bn', 'bn_act')  # DSResNet.depthwise_norm's values.
+
+
 class DSResNet(nn.Module):
   """This project's model under the source rules: a depthwise-separable ResNet, pool-often.
 
@@ -139,6 +142,12 @@ class DSResNet(nn.Module):
   `expansion` x the width -> BN -> act -> depthwise -> BN -> act -> pointwise back -> BN, added to
   the input with no activation after the add (the linear bottleneck). Its depthwise filters work
   in the wide space, and there is one per block instead of two.
+
+  `depthwise_norm` chooses what sits between the depthwise and the pointwise half of every
+  depthwise-separable convolution (stem, transitions, basic blocks): '' nothing (Keras'
+  SeparableConv2D, the sources' layer; Xception found no nonlinearity there best), 'bn' a
+  BatchNorm, 'bn_act' a BatchNorm and the activation (MobileNetV1's separable layer: twice the
+  nonlinear depth for 4 parameters per channel).
   """
   num_classes: int = 10
   widths: Sequence[int] = (40, 80, 160)
@@ -149,6 +158,7 @@ class DSResNet(nn.Module):
   activation: str = 'relu'
   # 0: the basic block (two depthwise-separable convs); t >= 1: inverted residual, expansion t.
   expansion: int = 0
+  depthwise_norm: str = ''  # '', 'bn' or 'bn_act' between depthwise and pointwise (see above).
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
@@ -167,20 +177,27 @@ class DSResNet(nn.Module):
         or self.expansion < 0):
       raise UserError('config.model_kwargs.expansion must be an integer >= 0 (0: the basic '
                       f'block, t: inverted residual with expansion t), got {self.expansion!r}')
+    if self.depthwise_norm not in DEPTHWISE_NORMS:
+      raise UserError("config.model_kwargs.depthwise_norm must be one of '', 'bn' or 'bn_act' "
+                      f'(what sits between depthwise and pointwise), got {self.depthwise_norm!r}')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     widths = [scale_width(w, self.width_multiplier) for w in self.widths]
 
-    def ds_conv(x, features, depth_multiplier=1):
-      x = DepthwiseConv2D(self.kernel_size, depth_multiplier=depth_multiplier, padding='same',
-                          use_bias=False, options=self.options)(x, train)
-      return PointwiseConv2D(features, use_bias=False)(x, train)
-
     def bn(x):
       return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        options=self.options)(x, train)
+
+    def ds_conv(x, features, depth_multiplier=1):
+      x = DepthwiseConv2D(self.kernel_size, depth_multiplier=depth_multiplier, padding='same',
+                          use_bias=False, options=self.options)(x, train)
+      if self.depthwise_norm:
+        x = bn(x)
+      if self.depthwise_norm == 'bn_act':
+        x = Activation(self.activation)(x, train)
+      return PointwiseConv2D(features, use_bias=False)(x, train)
 
     def residual_block(x, features):
       y = Activation(self.activation)(bn(ds_conv(x, features)), train)

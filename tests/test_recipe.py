@@ -437,6 +437,45 @@ def test_dsresnet_expansion_builds_inverted_residual_blocks():
       models.create_model('dsresnet', expansion=bad)
 
 
+def test_dsresnet_depthwise_norm_puts_batchnorm_and_activation_inside_each_separable_conv():
+  # widths (8, 16), stem x2: the depthwise halves output 6 (stem), 8 + 8 (block), 8
+  # (transition) and 16 + 16 (block) channels, so a BatchNorm after each adds 4 x 62 parameters.
+  def describe(depthwise_norm):
+    config = get_config()
+    config.model = 'dsresnet'
+    config.model_kwargs = {'widths': (8, 16), 'blocks': (1, 1), 'stem_multiplier': 2,
+                           'depthwise_norm': depthwise_norm}
+    return config, experiment.describe_model(config, (16, 16, 3), 10).report
+
+  plain = describe('')[1]
+  for depthwise_norm, between in (('bn', ['BatchNorm']), ('bn_act', ['BatchNorm', 'Activation'])):
+    config, report = describe(depthwise_norm)
+    assert report.params_total == plain.params_total + 4 * 62 and report.violations == []
+    kinds = [l.type for l in report.layers]
+    starts = [i for i, kind in enumerate(kinds) if kind == 'DepthwiseConv2D']
+    assert len(starts) == 6
+    for i in starts:
+      assert kinds[i + 1:i + 2 + len(between)] == between + ['PointwiseConv2D'], (depthwise_norm, i)
+    # With the activation (ReLU) the pointwise half sees no negative input; with BatchNorm alone
+    # it does.
+    model = models.build_model(config, 10)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x)
+    inputs = []
+    def record(next_fun, args, kwargs, context):
+      if isinstance(context.module, layers.PointwiseConv2D) and context.method_name == '__call__':
+        inputs.append(float(args[0].min()))
+      return next_fun(*args, **kwargs)
+    with nn.intercept_methods(record):
+      model.apply(variables, x)
+    assert len(inputs) == 7  # Six separable convs and the head.
+    assert (min(inputs[:6]) >= 0) == (depthwise_norm == 'bn_act'), (depthwise_norm, inputs)
+  assert [l.type for l in plain.layers][:2] == ['DepthwiseConv2D', 'PointwiseConv2D']
+  for bad in ('BN', 'act', None):
+    with pytest.raises(UserError, match="depthwise_norm must be one of '', 'bn' or 'bn_act'"):
+      models.create_model('dsresnet', depthwise_norm=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: every option at once, resumed exactly, tta key beside the plain test accuracy.
 
