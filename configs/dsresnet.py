@@ -36,7 +36,7 @@ level at the end, so neither is taken. Two blocks at 32x32 and 16x16 with this r
 (32,64,128) and blocks (2,2,1) (results/dsresnet-early221-cpu-50ep): 88.15% / 88.62% / 89.18%,
 behind this config's run at every epoch from 11 on. More compute at 32x32 and 16x16, widths
 (40,96,112) and blocks (2,3,1), 28.1M MACs (results/dsresnet-hr231-cpu-50ep): 88.22% / 88.93% /
-89.18%, level to epoch 44 and 0.40 behind at the end. Weight decay 2.5e-4
+89.18%, level to epoch 45 and 0.40 behind at the end. Weight decay 2.5e-4
 (results/dsresnet-wd25-cpu-50ep): 88.06% / 88.60% / 89.13%, level to epoch 39, then 0.28-0.56
 behind. The runs below trained the config's former
 recipe (batch 256, lr 0.2, label smoothing 0.1, 20 recalibration batches: --config.batch_size=256
