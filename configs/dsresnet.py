@@ -38,7 +38,8 @@ behind this config's run at every epoch from 11 on. More compute at 32x32 and 16
 (40,96,112) and blocks (2,3,1), 28.1M MACs (results/dsresnet-hr231-cpu-50ep): 88.22% / 88.93% /
 89.18%, level to epoch 45 and 0.40 behind at the end. Weight decay 2.5e-4
 (results/dsresnet-wd25-cpu-50ep): 88.06% / 88.60% / 89.13%, level to epoch 39, then 0.28-0.56
-behind. The runs below trained the config's former
+behind. Weight decay 1e-3 (results/dsresnet-wd1e3-cpu-50ep): 88.45% / 88.80% / 89.18%, behind
+by 0.54-1.19 over epochs 11-30 and level over 43-49. The runs below trained the config's former
 recipe (batch 256, lr 0.2, label smoothing 0.1, 20 recalibration batches: --config.batch_size=256
 --config.learning_rate=0.2 --config.label_smoothing=0.1 --config.bn_recalibrate_batches=20);
 with it this architecture averaged 88.25% test over five seeded runs (the two CPU seeds below
