@@ -15,7 +15,10 @@ In order, each timed (wall seconds, start-up and compilation included):
    configuration bench trains (`configs/dsresnet.py` with the overrides below) ->
    throughput-dsresnet.json, and bench trains with the faster form (`bench_depthwise_impl` in
    accelerator.json) unless the overrides name one: XLA's backward pass for grouped
-   convolutions is slow on NVIDIA GPUs (jax-ml/jax#13800), where 'auto' means grouped;
+   convolutions is slow on NVIDIA GPUs (jax-ml/jax#13800), where 'auto' means grouped; then, on
+   each finished seed, benchmarks/recalibration_study.py (evaluation only: the EMA weights'
+   BatchNorm statistics from training-augmented batches, as the runs report, against clean
+   ones) -> recalibration.json;
 then accelerator.json: the device, versions, each step's command, wall seconds and exit status, and
 the headline figures, rewritten after every step, so that a call cut off at its time limit still
 brings back what its finished steps measured. Everything goes to --out (at most 8 files, no
@@ -231,6 +234,23 @@ def main(argv=None) -> int:
       if not _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json')):
         result['bench_seeds_finished'] = _finished_seeds(bench_dir)  # Stopped before the end.
       write_result()
+      # Evaluation only, on each finished seed: the PreciseBN statistics of the EMA weights from
+      # batches augmented as in training (what the runs report) against clean ones.
+      studies = []
+      for name in sorted(_finished_seeds(bench_dir)):
+        path = os.path.join(workdir, f'recalibration-{os.path.basename(bench_dir)}-{name}.json')
+        step = _run(f'recalibration_{name}', [
+            'benchmarks.recalibration_study', f'--workdir={os.path.join(bench_dir, name)}',
+            '--augment=train;none', f'--json={path}'], log, steps, timeout)
+        if not step['exit_status'] and os.path.exists(path):
+          with open(path) as f:
+            studies.append(json.load(f))
+      if studies:
+        tmp = os.path.join(out, '.recalibration.json.tmp')
+        with open(tmp, 'w') as f:
+          json.dump(studies, f, indent=2)
+        os.replace(tmp, os.path.join(out, 'recalibration.json'))
+      write_result()
 
   failed = [s['name'] for s in steps if s['exit_status']]
   print(f'wrote {out}/accelerator.json' + (f'; failed: {", ".join(failed)}' if failed else ''))
@@ -290,6 +310,16 @@ def _headline(out: str) -> dict:
   bench = load('bench.json')
   if bench:
     headline['dsresnet'] = {'n': bench['n'], 'mean': bench['mean'], 'std': bench['std']}
+  studies = load('recalibration.json')
+  if studies:
+    # Mean test accuracy over the studied seeds, per source of the recomputed statistics.
+    by_augment: dict[str, list[float]] = {}
+    for study in studies:
+      for row in study['rows']:
+        by_augment.setdefault(row.get('bn_recalibrate_augment', 'moving averages'),
+                              []).append(row['test_accuracy'])
+    headline['recalibration'] = {k: {'n': len(v), 'mean_test_accuracy': sum(v) / len(v)}
+                                 for k, v in by_augment.items()}
   return headline
 
 

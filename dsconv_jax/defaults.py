@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # batches' own statistics, for the weights evaluated (PreciseBN; the EMA weights when
   # ema_decay > 0); training keeps its moving averages. 0 = off (the source recipes: Keras).
   config.bn_recalibrate_batches = 0
+  # The augmentation of those batches: 'train' (config.augment's, as training saw the images),
+  # or a list like config.augment's ('none' = the images as evaluation sees them).
+  config.bn_recalibrate_augment = 'train'
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm

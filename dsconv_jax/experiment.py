@@ -60,6 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(recalibrate, int) or isinstance(recalibrate, bool) or recalibrate < 0:
     raise UserError('config.bn_recalibrate_batches must be an integer >= 0 (0 = off), got '
                     f'{recalibrate!r}')
+  recalibrate_augment(config)
   translate = config.get('tta_translate', 0)
   if not isinstance(translate, int) or isinstance(translate, bool) or not 0 <= translate <= 8:
     raise UserError(f'config.tta_translate must be an integer pixel shift in 0..8 (0 = off), got '
@@ -71,6 +72,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size % n:
     raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
                     f'use a multiple of {n}')
+
+
+def recalibrate_augment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The augmentations of the PreciseBN batches: config.augment's for 'train', else the list."""
+  spec = config.get('bn_recalibrate_augment', 'train')
+  if not isinstance(spec, str):
+    raise UserError("config.bn_recalibrate_augment must be 'train' or an augmentation list like "
+                    f"config.augment's ('none', 'flip', 'crop,flip'), got {spec!r}")
+  if spec.strip() == 'train':
+    return augment_lib.parse(config.augment)
+  try:
+    names = augment_lib.parse(spec)
+  except UserError as e:
+    raise UserError(str(e).replace('config.augment', 'config.bn_recalibrate_augment')) from None
+  if 'altflip' in names:  # An epoch-level draw over the training order: no PreciseBN batch has one.
+    raise UserError("config.bn_recalibrate_augment cannot name 'altflip'; use 'flip'")
+  return names
 
 
 def ema_decay_of(config: ml_collections.ConfigDict) -> float:
@@ -251,7 +269,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
         mesh, num_batches=recalibrate_batches, batch_size=config.batch_size,
         num_examples=len(data.train.labels), seed_key=seed_key,
         stats_fn=functools.partial(steps.batch_statistics, mean=mean_d, std=std_d,
-                                   augment=augment_lib.parse(config.augment),
+                                   augment=recalibrate_augment(config),
                                    compute_dtype=config.get('compute_dtype', 'float32')))
   return Experiment(
       config=config, data=data, description=description, mesh=mesh, seed_key=seed_key,

@@ -18,7 +18,7 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   result = json.loads((out / 'accelerator.json').read_text())
   assert [s['name'] for s in result['steps']] == [
-      'throughput', 'model3', 'throughput_dsresnet', 'bench_dsresnet']
+      'throughput', 'model3', 'throughput_dsresnet', 'bench_dsresnet', 'recalibration_seed_0']
   assert all(s['exit_status'] == 0 and s['wall_seconds'] > 0 for s in result['steps'])
   headline = result['headline']
   assert set(headline['throughput']) == {'auto/bfloat16'}
@@ -40,10 +40,17 @@ def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
       'config']
   assert (config['augment'], config['label_smoothing'], config['depthwise_impl']) == (
       'crop', 0.2, 'shifted')
+  # Each finished seed's recalibration study, whose 'train' row is what the run reported.
+  study, = json.loads((out / 'recalibration.json').read_text())
+  assert study['reproduces_run'] is True and study['augment'] == 'crop'
+  assert [r.get('bn_recalibrate_augment') for r in study['rows']] == [None, 'train', 'none']
+  assert {k: v['n'] for k, v in headline['recalibration'].items()} == {
+      'moving averages': 1, 'train': 1, 'none': 1}
   # What comes back from the device: at most 8 plain files, no folders.
   names = sorted(os.listdir(out))
   assert names == ['accelerator.json', 'bench.json', 'log.txt', 'model3-metrics.jsonl',
-                   'model3-summary.json', 'throughput-dsresnet.json', 'throughput.json']
+                   'model3-summary.json', 'recalibration.json', 'throughput-dsresnet.json',
+                   'throughput.json']
 
 
 def test_bench_takes_the_depthwise_form_that_trained_fastest(tmp_path):

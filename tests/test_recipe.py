@@ -7,11 +7,13 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -641,6 +643,52 @@ def test_recalibration_averages_batches_and_uses_the_evaluated_ema_weights():
                                  seed_key=jax.random.key(0), stats_fn=stats_fn)
   np.testing.assert_allclose(three(state, images, np.int32(1)).batch_stats['BatchNorm_0']['bn'][
       'mean'], np.asarray(images, np.float64).mean((0, 1, 2)) / 255.0, rtol=1e-5)
+
+
+def test_recalibration_augment_names_the_images_the_statistics_see():
+  config = get_testing_config()
+  config.augment = 'crop,flip,cutout'
+  resolve = lambda spec: experiment.recalibrate_augment(
+      config.copy_and_resolve_references() if spec is None else _with(config, spec))
+  assert resolve(None) == ('crop', 'flip', 'cutout')  # 'train', the default.
+  assert resolve('none') == () and resolve('') == () and resolve('flip') == ('flip',)
+  for bad, says in (('blur', "unknown augmentation(s) ['blur'] in config.bn_recalibrate_augment"),
+                    ('altflip', "cannot name 'altflip'"), ('flip,altflip', 'names both')):
+    with pytest.raises(UserError, match=re.escape(says)):
+      resolve(bad)
+  # A config file that builds its own ConfigDict is not type-checked by ml_collections.
+  untyped = ml_collections.ConfigDict({'augment': '', 'bn_recalibrate_augment': 3})
+  with pytest.raises(UserError, match=re.escape("must be 'train' or an augmentation list")):
+    experiment.recalibrate_augment(untyped)
+  with pytest.raises(UserError, match='bn_recalibrate_augment'):
+    experiment.validate_config(_with(config, 'cutot'))
+
+
+def _with(config, spec):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.bn_recalibrate_augment = spec
+  return config
+
+
+def test_clean_recalibration_averages_the_unaugmented_images(image_folder):
+  config = recipe_config(image_folder, 1)
+  config.train_examples = 32  # 4 batches of 8: every recalibration averages the same 32 images.
+  config.augment = 'crop,flip,cutout'
+  config.bn_recalibrate_batches = 4
+  data = experiment.load_data(config)
+
+  def first_mean(spec, epoch):
+    exp = experiment.create_experiment(_with(config, spec), data)
+    stats = exp.recalibrate(exp.state, exp.train_images, np.int32(epoch)).batch_stats
+    # The first BatchNorm's input depends on each image alone, so the mean over equal batches of
+    # their means is the mean over the 32 images, whatever order the epoch draws them in.
+    return np.asarray(stats['BatchNorm_0']['bn']['mean'])
+
+  np.testing.assert_allclose(first_mean('none', 1), first_mean('none', 2), rtol=1e-5, atol=1e-7)
+  # Training's augmentation draws other crops, mirrors and squares in each epoch's batches.
+  assert not np.allclose(first_mean('train', 1), first_mean('train', 2), rtol=1e-3, atol=1e-5)
+  assert not np.allclose(first_mean('none', 1), first_mean('train', 1), rtol=1e-3, atol=1e-5)
 
 
 def test_a_run_with_recalibration_is_deterministic_and_evaluates_other_statistics(
