@@ -58,14 +58,15 @@ AUGMENTATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 EPOCH_AUGMENTATIONS = ('altflip',)
 
 
-def parse(spec: str) -> tuple[str, ...]:
-  """Validates a comma-separated augmentation list ('' or 'none' for no augmentation)."""
+def parse(spec: str, key: str = 'config.augment') -> tuple[str, ...]:
+  """Validates a comma-separated augmentation list ('' or 'none' for no augmentation); errors
+  name `key`, the config value the list came from."""
   names = tuple(s.strip() for s in (spec or '').split(',') if s.strip() and s.strip() != 'none')
   unknown = [n for n in names if n not in AUGMENTATIONS and n not in EPOCH_AUGMENTATIONS]
   if 'altflip' in names and 'flip' in names:
-    raise UserError("config.augment names both 'flip' and 'altflip'; keep one")
+    raise UserError(f"{key} names both 'flip' and 'altflip'; keep one")
   if unknown:
-    raise UserError(f'unknown augmentation(s) {unknown} in config.augment; known: '
+    raise UserError(f'unknown augmentation(s) {unknown} in {key}; known: '
                     f'{", ".join((*AUGMENTATIONS, *EPOCH_AUGMENTATIONS))}')
   return names
 

@@ -82,10 +82,7 @@ def recalibrate_augment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
                     f"config.augment's ('none', 'flip', 'crop,flip'), got {spec!r}")
   if spec.strip() == 'train':
     return augment_lib.parse(config.augment)
-  try:
-    names = augment_lib.parse(spec)
-  except UserError as e:
-    raise UserError(str(e).replace('config.augment', 'config.bn_recalibrate_augment')) from None
+  names = augment_lib.parse(spec, key='config.bn_recalibrate_augment')
   if 'altflip' in names:  # An epoch-level draw over the training order: no PreciseBN batch has one.
     raise UserError("config.bn_recalibrate_augment cannot name 'altflip'; use 'flip'")
   return names

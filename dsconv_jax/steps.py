@@ -216,8 +216,8 @@ def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, me
                      compute_dtype: str = 'float32') -> Any:
   """Every BatchNorm layer's statistics of one batch, for the weights `eval_step` evaluates.
 
-  The batch goes through the network in training mode (dropout and augmentation as in
-  training), with the EMA weights when the state has them.
+  The batch goes through the network in training mode (dropout as in training, augmented by
+  `augment`: config.bn_recalibrate_augment's), with the EMA weights when the state has them.
   """
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std)
