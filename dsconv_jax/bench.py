@@ -32,6 +32,7 @@ from absl import flags
 import numpy as np
 
 from dsconv_jax import cli
+from dsconv_jax import reporting
 
 FLAGS = flags.FLAGS
 cli.define_config_flag()
@@ -178,7 +179,9 @@ def run_bench(config, workdir: str, seeds: Sequence[int],
       shown = True
     summaries[seed] = summary
   stats = aggregate(summaries)
-  result = {'seeds': list(seeds), **stats,
+  # Every seed validates on the same split (the holdout is drawn by data_seed, not seed).
+  val_splits = sorted({reporting.val_split_of(s) for s in summaries.values()})
+  result = {'seeds': list(seeds), 'val_split': ', '.join(val_splits), **stats,
             'runs': {str(seed): s for seed, s in summaries.items()}}
   if jax.process_index() == 0:  # Only process 0 writes metrics.jsonl.
     times = {seed: time_to_target(
@@ -188,6 +191,7 @@ def run_bench(config, workdir: str, seeds: Sequence[int],
     result['to_target'] = {**to_target,
                            'runs': {str(seed): t for seed, t in times.items()}}
     fileio.atomic_write_json(os.path.join(workdir, 'bench.json'), result)
+    print(f'validated on: {result["val_split"]}', flush=True)
     print(format_table(summaries, stats, times, to_target), flush=True)
   return result
 

@@ -62,7 +62,7 @@ def run_labels(directories: Sequence[str]) -> list[str]:
 def markdown_table(labels: Sequence[str], summaries: Sequence[dict[str, Any]],
                    metrics: Sequence[Sequence[dict[str, Any]]],
                    reach: Sequence[float] = ()) -> str:
-  """One row per run: parameters, max val accuracy and its epoch, test accuracy, training time,
+  """One row per run: what validated it (`val_split`), parameters, max val accuracy and its epoch, test accuracy, training time,
   the late dip (`reporting.late_dip`: how far validation accuracy sagged in the last third
   below its best before, in points; a healthy curve has 0 or a fraction of a point), and for each
   accuracy of `reach` (in percent) the first epoch that reached it, or "never"."""
@@ -71,12 +71,14 @@ def markdown_table(labels: Sequence[str], summaries: Sequence[dict[str, Any]],
     value = summary.get(key)
     return '-' if value is None else fmt(value)
 
-  lines = ['| run | params | max val acc | best epoch | test acc | train s | epochs | late dip |'
-           + ''.join(f' first >= {pct:g}% |' for pct in reach),
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |' + ' ---: |' * len(reach)]
+  lines = ['| run | val split | params | max val acc | best epoch | test acc | train s | epochs '
+           '| late dip |' + ''.join(f' first >= {pct:g}% |' for pct in reach),
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |'
+           + ' ---: |' * len(reach)]
   for label, s, rows in zip(labels, summaries, metrics):
     dip = reporting.late_dip(rows)
     cells = [label.replace('|', '\\|'),
+             reporting.val_split_of(s),
              get(s, 'params_total', lambda v: f'{v:,}'),
              get(s, 'max_val_accuracy', lambda v: f'{100 * v:.2f}%'),
              get(s, 'best_epoch', str),
@@ -127,7 +129,8 @@ def compare(directories: Sequence[str], out: str, reach: Sequence[float] = ()) -
                          reach)
   with fileio.writing(f'{out!r} and {table_path(out)!r}'):
     lines = reporting.plot_curves(list(zip(labels, [rows for rows, _ in runs])), out,
-                                  title=' vs '.join(labels) if len(labels) <= 4 else '')
+                                  title=' vs '.join(labels) if len(labels) <= 4 else '',
+                                  val_splits=[reporting.val_split_of(s) for _, s in runs])
     fileio.atomic_write_text(table_path(out), table)
   return {'png': out, 'table_path': table_path(out), 'table': table, 'labels': labels,
           'lines': lines}

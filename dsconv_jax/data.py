@@ -267,6 +267,37 @@ def take_subset(split: Split, n: int, seed: int) -> Split:
   return Split(split.images[order], split.labels[order])
 
 
+def split_holdout(split: Split, n: int, seed: int, num_classes: int) -> tuple[Split, Split]:
+  """(the rest, a class-balanced holdout of `n` examples) of `split`, drawn by `seed`.
+
+  Each class gives n // num_classes examples, and the first n % num_classes classes of a seeded
+  order one more, so the holdout's class balance does not depend on the split's. The rest keeps
+  the split's order; the two never share an example.
+  """
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    raise UserError(f'config.holdout must be an integer >= 0 (0 = validate on the test split), '
+                    f'got {n!r}')
+  if n < num_classes:
+    raise UserError(f'config.holdout={n} is fewer than the {num_classes} classes, so some class '
+                    f'would not be validated on; use at least {num_classes} (or 0 for off)')
+  rng = np.random.default_rng([seed, 0x401D])  # A stream of its own, apart from take_subset's.
+  quota = np.full(num_classes, n // num_classes)
+  quota[rng.permutation(num_classes)[:n % num_classes]] += 1
+  held = []
+  for label in range(num_classes):
+    members = np.flatnonzero(split.labels == label)
+    if len(members) <= quota[label]:
+      raise UserError(f'config.holdout={n} takes {quota[label]} images of class {label}, which '
+                      f'has {len(members)} training images (at least one must stay to train on); '
+                      'use a smaller holdout')
+    held.append(rng.choice(members, quota[label], replace=False))
+  held_idx = np.sort(np.concatenate(held))
+  keep = np.ones(len(split.labels), bool)
+  keep[held_idx] = False
+  return (Split(split.images[keep], split.labels[keep]),
+          Split(split.images[held_idx], split.labels[held_idx]))
+
+
 def normalization_stats(images: np.ndarray, kind: str) -> tuple[list[float], list[float]]:
   """Per-channel (mean, std) that preprocessing subtracts and divides by, in 0..255 units.
 

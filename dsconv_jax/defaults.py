@@ -55,6 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_examples = 0
   config.eval_examples = 0
   config.data_seed = 0
+  # Training images held out (class-balanced, drawn by data_seed) and validated on after every
+  # epoch, so that choices never see the test split, which is evaluated once at the end
+  # (summary.json's val_split 'holdout:N'). 0 validates on the test split, as the source studies
+  # did (val_split 'test').
+  config.holdout = 0
   # 'scale' (x / 255, source 000) or 'standardize' (per-channel mean/std of the training data).
   config.normalization = 'scale'
   # Comma-separated on-device augmentations: '', 'crop', 'flip', 'altflip' (airbench's alternating

@@ -46,6 +46,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('num_epochs', 'batch_size', 'eval_batch_size'):
     if int(config[key]) <= 0:
       raise UserError(f'config.{key} must be a positive integer, got {config[key]}')
+  holdout = config.get('holdout', 0)
+  if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
+    raise UserError(f'config.holdout must be an integer >= 0 (0 = validate on the test split), '
+                    f'got {holdout!r}')
   for key in ('train_examples', 'eval_examples'):
     if int(config[key]) < 0:
       raise UserError(f'config.{key} must be >= 0 (0 means the whole split), got {config[key]}')
@@ -97,7 +101,15 @@ class Data:
   """The dataset of a run and the splits it trains and validates on (seeded subsets, or whole)."""
   dataset: data_lib.Dataset
   train: data_lib.Split
-  val: data_lib.Split
+  val: data_lib.Split  # Validated on after every epoch: the holdout, or the test split.
+  # What `val` is: 'test' (the test split, as the source studies validated) or 'holdout:N' (N
+  # training images never trained on, so that choices are made without the test split).
+  val_split: str = 'test'
+
+  @property
+  def test(self) -> data_lib.Split:
+    """The whole test split, evaluated once at the end (test_accuracy)."""
+    return self.dataset.test
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -109,15 +121,24 @@ class Data:
 
 
 def load_data(config: ml_collections.ConfigDict) -> Data:
-  """Loads `config.dataset` and takes the configured subsets (train_examples, eval_examples)."""
+  """Loads `config.dataset`, holds out `config.holdout` training images to validate on (else the
+  test split validates), then takes the configured subsets (train_examples of what is left to
+  train on, eval_examples of the validation split). Both are drawn by `config.data_seed`, so
+  every training seed sees the same images."""
   dataset = data_lib.load_dataset(config.dataset, config.data_dir, config.cache_dir,
                                   config.image_size)
-  train, val = dataset.train, dataset.test
+  holdout = config.get('holdout', 0)
+  if holdout:
+    train, val = data_lib.split_holdout(dataset.train, holdout, config.data_seed,
+                                        dataset.num_classes)
+    val_split = f'holdout:{holdout}'
+  else:
+    train, val, val_split = dataset.train, dataset.test, 'test'
   if config.train_examples:
     train = data_lib.take_subset(train, config.train_examples, config.data_seed)
   if config.eval_examples:
     val = data_lib.take_subset(val, config.eval_examples, config.data_seed + 1)
-  return Data(dataset, train, val)
+  return Data(dataset, train, val, val_split)
 
 
 def synthetic_data(num_examples: int, image_shape, num_classes: int, seed: int) -> Data:

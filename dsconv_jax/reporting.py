@@ -132,11 +132,24 @@ def first_epoch_reaching(rows: Sequence[dict[str, Any]], accuracy: float) -> int
   return None
 
 
+def val_split_of(summary: dict[str, Any] | None) -> str:
+  """summary.json's `val_split`: 'test' or 'holdout:N' (runs recorded before it existed
+  validated on the test split)."""
+  return str((summary or {}).get('val_split') or 'test')
+
+
+def val_name(val_split: str) -> str:
+  """The curves' name for a validation split: 'holdout' or 'test'."""
+  return val_split.split(':', 1)[0]
+
+
 def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
-                title: str = '') -> int:
+                title: str = '', val_splits: Sequence[str] | None = None) -> int:
   """Loss and accuracy per epoch, train (dashed) and validation (solid), one colour per run.
 
-  Writes a PNG to `path` atomically and returns the number of lines drawn (4 per run).
+  The validation curves are labelled with what they validated on ('holdout' or 'test',
+  `val_splits`, one per run; 'test' when not given). Writes a PNG to `path` atomically and
+  returns the number of lines drawn (4 per run).
   """
   import matplotlib
   matplotlib.use('Agg')
@@ -145,6 +158,7 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
 
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   lines = 0
+  val_splits = list(val_splits or ['test'] * len(runs))
   for i, (label, rows) in enumerate(runs):
     color = f'C{i % 10}'
     epochs = [r['epoch'] for r in rows]
@@ -152,7 +166,8 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
     for ax, key in ((ax_loss, 'loss'), (ax_acc, 'accuracy')):
       ax.plot(epochs, [r[f'train_{key}'] for r in rows], '--', color=color,
               label=f'{prefix}train')
-      ax.plot(epochs, [r[f'val_{key}'] for r in rows], '-', color=color, label=f'{prefix}val')
+      ax.plot(epochs, [r[f'val_{key}'] for r in rows], '-', color=color,
+              label=f'{prefix}{val_name(val_splits[i])}')
       lines += 2
   ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
   ax_acc.set(xlabel='epoch', ylabel='accuracy', title='accuracy')

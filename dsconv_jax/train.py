@@ -188,7 +188,10 @@ def _report_model(description: experiment_lib.ModelDescription, data: experiment
         **({'layers': list(config.layers)} if config.model == 'sequential' else {}),
         'dataset': data.dataset.source, 'image_shape': list(data.image_shape),
         'num_classes': data.num_classes, 'train_examples': int(config.train_examples),
-        'seed': int(config.seed)})
+        'seed': int(config.seed),
+        # A holdout changes what is trained on (older run.json, without one, lack the keys).
+        **({'holdout': int(config.holdout), 'data_seed': int(config.data_seed)}
+           if config.get('holdout', 0) else {})})
 
 
 # Above this share of their initial values (mean 0, variance 1) left in BatchNorm's moving
@@ -283,8 +286,8 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
   `state` is the state evaluated (with PreciseBN statistics when the run recomputes them).
   """
   config, data, report = exp.config, exp.data, exp.description.report
-  test = data.dataset.test
-  if not config.eval_examples:
+  test = data.test
+  if data.val_split == 'test' and not config.eval_examples:
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
     test_accuracy = float(steps.host_value(exp.evaluate(state, *exp.put_split(test))['accuracy']))
@@ -308,6 +311,7 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'macs_per_image': report.macs_total,
       'width_multiplier': width['width_multiplier'],
       'fit_params': width['fit_params'],
+      'val_split': data.val_split,
       'max_val_accuracy': best['val_accuracy'],
       'best_epoch': best['epoch'],
       'final_val_accuracy': history[-1]['val_accuracy'],
@@ -344,12 +348,14 @@ def _write_eval_batch_stats(workdir: str, batch_stats) -> None:
 def _write_summary(workdir: str, summary: dict[str, Any], history) -> None:
   with fileio.writing(f'summary.json, curves.png and confusion.png to {workdir!r}'):
     reporting.plot_curves([('', history)], os.path.join(workdir, 'curves.png'),
-                          title=f'{summary["model"]} ({summary["dataset"]})')
+                          title=f'{summary["model"]} ({summary["dataset"]})',
+                          val_splits=[summary['val_split']])
     confusion_lib.plot_confusion(np.asarray(summary['test_confusion']), summary['class_names'],
                                  os.path.join(workdir, 'confusion.png'))
     # summary.json last: it marks a finished run (bench and load_run look for it).
     fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
   best = summary['max_val_accuracy']
-  print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}), test accuracy '
+  on = '' if summary['val_split'] == 'test' else f', on the {summary["val_split"]}'
+  print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}{on}), test accuracy '
         f'{100 * summary["test_accuracy"]:.2f}%, {summary["train_seconds"]:.1f} s of training',
         flush=True)

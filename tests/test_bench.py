@@ -28,7 +28,7 @@ def test_bench_writes_statistics_and_resumes(image_folder, tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   with open(workdir / 'bench.json') as f:
     result = json.load(f)
-  assert result['seeds'] == [0, 1] and result['n'] == 2
+  assert result['seeds'] == [0, 1] and result['n'] == 2 and result['val_split'] == 'test'
   runs = [result['runs'][s] for s in ('0', '1')]
   assert [r['seed'] for r in runs] == [0, 1]
   for key in ('max_val_accuracy', 'test_accuracy', 'train_seconds'):
@@ -38,7 +38,7 @@ def test_bench_writes_statistics_and_resumes(image_folder, tmp_path):
   for seed in (0, 1):
     with open(workdir / f'seed_{seed}' / 'summary.json') as f:
       assert json.load(f) == result['runs'][str(seed)]
-  assert 'mean ± std (n=2)' in out.stdout
+  assert 'mean ± std (n=2)' in out.stdout and 'validated on: test' in out.stdout
   assert out.stdout.count('Total params:') == 1  # The model table once for all seeds.
   # Time to the default target (the source baseline's 82.93%), from each seed's metrics.jsonl.
   to_target = result['to_target']

@@ -54,7 +54,7 @@ def test_compare_writes_overlaid_curves_and_a_table_of_the_summaries(tmp_path, t
     cells = [c.strip() for c in row]
     with open(os.path.join(run, 'metrics.jsonl')) as f:
       dip = reporting.late_dip([json.loads(line) for line in f])
-    assert cells[1:] == [f'{s["params_total"]:,}', f'{100 * s["max_val_accuracy"]:.2f}%',
+    assert cells[1:] == ['test', f'{s["params_total"]:,}', f'{100 * s["max_val_accuracy"]:.2f}%',
                          str(s['best_epoch']), f'{100 * s["test_accuracy"]:.2f}%',
                          f'{s["train_seconds"]:.1f}', str(s['epochs']),
                          '-' if dip is None else f'{100 * dip:.2f}']
