@@ -16,17 +16,24 @@ depthwise convolutions), with nothing typed in by hand. For each array we keep, 
 (`lo`, `hi`) and the jump (input pixels between neighbouring pixels); the receptive field is
 `hi - lo + 1`. Every primitive that meets an array with height and width axes must be one the walk
 knows (elementwise, reductions, convolutions, pooling, slicing, padding, reshapes that keep or
-flatten the map, transposes and concatenations that keep them in place, ...): any other one, and any
-known one used in a way whose field no single window per axis describes (a gather or a flip along
-height or width, a transpose that swaps them, a concatenation along one, a value pooled over the
-map spread back over it), stops the analysis with a `UserError` naming the primitive and its layer,
-never a wrong number. Once height and width are pooled or flattened away, a value sees the union of
-what its inputs saw.
+flatten the map, transposes and concatenations that keep them in place, ...). Once height and
+width are pooled or flattened away, a value sees the union of what its inputs saw. Where such a
+pooled value is mixed back into the map (squeeze-and-excitation's gate, the statistics of a norm
+over the map, attention), every pixel from there on sees the whole image: its rows say so
+(`sees_whole_image`, RF "image") and the report lists where (`global_context`).
+
+An analysis that reports never blocks: any other primitive, and any known one used in a way whose
+field no single window per axis describes (a gather or a flip along height or width, a transpose
+that swaps them, a concatenation along one), is listed in `ModelReport.unknown` with its layer and
+reason, and the rows it reaches report no receptive field (never a wrong number). Nothing else
+stops: parameters, MACs and the constraints are computed on everything that is known.
 
 The same walk checks the design constraints of the source studies on the real operations: a k x k
 convolution (k > 1) across channels, a dense layer (a matrix product on features with no spatial
-extent left: after global pooling or a flatten, or a 1x1 convolution on a 1x1 map) and the absence
-of BatchNorm are violations when the config forbids them. Each names its row as the table does.
+extent left: after global pooling or a flatten, or a 1x1 convolution on a 1x1 map; not one whose
+result is mixed back into the map, as squeeze-and-excitation's gate is) and the absence of
+BatchNorm (a normalisation by stored moving statistics, found by what it computes) are violations
+when the config forbids them. Each names its row as the table does.
 
 It also counts the multiply-accumulates (MACs) of one image, per layer and in total. Counted are
 the operations that multiply data by weights: convolutions (output elements x kh*kw*Cin/groups),
@@ -37,8 +44,13 @@ counted (Model 3's BatchNorm layers, folded into one multiply-add per element, w
 1.9%). The operations of a layer are those traced between its call and its return (markers around
 each top-level layer call); an operation outside every layer counts only in the total.
 
-Finally, `receptive_field_advice` compares the receptive field of the output with the image; see
-its docstring for the thresholds.
+`receptive_field_advice` compares the receptive field of the output with the image; see its
+docstring for the thresholds.
+
+Finally, `parameter_structure` traces a model once more to say which parameters are convolution
+kernels (with their groups, channels and layout) and which are a normalisation's shift, by what
+the computation does with them, never by their names: Dirac initialisation, the BatchNorm-bias
+learning rate and export's grouped-convolution check rely on it.
 """
 
 from __future__ import annotations
@@ -337,24 +349,26 @@ class _Walker:
             f'depthwise-separable (make it depthwise, feature_group_count={in_ch}, followed by a '
             '1x1 convolution, or set --config.constraints.depthwise_separable_only=False)')
       if max(kernel) == 1 and all(lhs[d] == 1 for d in dn.lhs_spec[2:]) and ins[0] is not None:
-        self.dense_ops.append(self._dense(eqn, scope, ins[0]))
+        self._dense_candidate(eqn, scope, ins[0])
     elif name == 'dot_general':
       k, info = next((k, i) for k, i in enumerate(ins) if i is not None)
       shape = eqn.invars[k].aval.shape
-      if info is _UNKNOWN:
-        # Without the image axes, only a matrix of features (batch, features) is surely dense.
-        if len(shape) <= 2:
-          self.dense_ops.append(self._dense(eqn, scope, info))
-        else:
-          self.unknown.append(f'whether {eqn.primitive.name} in {self._where(eqn, scope)} is a '
-                              'dense layer: where the image axes are in its operand is unknown')
-      elif all(p is None or shape[p] == 1 for p in info.axes):
-        self.dense_ops.append(self._dense(eqn, scope, info))
+      if info is _UNKNOWN or all(p is None or shape[p] == 1 for p in info.axes):
+        self._dense_candidate(eqn, scope, info)
+
+  def _dense_candidate(self, eqn, scope: str, info) -> None:
+    """Records a dense layer; past a gap in the walk, lists the question instead (whether its
+    result is mixed back into the map, as a gate, is then unknown)."""
+    if info is _UNKNOWN:
+      self.unknown.append(f'whether {eqn.primitive.name} in {self._where(eqn, scope)} is a dense '
+                          'layer or a gate on the map: the walk lost the map before it')
+    else:
+      self.dense_ops.append(self._dense(eqn, scope, info))
 
   def _dense(self, eqn, scope: str, info: _Info) -> str:
     """The violation of a matrix product on data with no spatial extent, and how to avoid it."""
     where = self._where(eqn, scope)
-    if info is _UNKNOWN or not info.spatial():
+    if not info.spatial():
       return (f'{where}: a dense layer (a matrix product on features, with no height or width '
               'left): use a 1x1 convolution before the global pooling instead, or set '
               '--config.constraints.allow_dense=True')
@@ -695,8 +709,9 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
 
   `constraints` (a ConfigDict or mapping with max_params, depthwise_separable_only,
   require_batch_norm, allow_dense) adds one violation string per broken rule. The batch of the
-  trace is one image, so MACs and activation sizes are per image. Raises `UserError` when an
-  operation on the map is one whose receptive field the walk cannot follow exactly.
+  trace is one image, so MACs and activation sizes are per image. An operation on the map whose
+  receptive field the walk cannot follow exactly is listed in the report's `unknown`, never
+  raised.
   """
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   variables = _abstract_variables(model, input_shape)
@@ -764,7 +779,11 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
                        global_context=walker.global_context, unknown=walker.unknown,
                        **receptive_field_advice(layer_reports, input_shape))
   if constraints is not None:
-    report.violations = _violations(report, walker, saw_batch_norm[0], constraints)
+    # A flax BatchNorm, or any normalisation by stored (moving) statistics, found by what it
+    # computes (`parameter_structure`), traced only when the rule needs it.
+    uses_batch_norm = lambda: saw_batch_norm[0] or any(
+        n.moving for n in parameter_structure(model, input_shape).normalisations)
+    report.violations = _violations(report, walker, uses_batch_norm, constraints)
   return report
 
 
@@ -899,7 +918,8 @@ def _count(tree) -> int:
   return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
 
 
-def _violations(report: ModelReport, walker: _Walker, saw_batch_norm: bool, c: Any) -> list[str]:
+def _violations(report: ModelReport, walker: _Walker, uses_batch_norm: Callable[[], bool],
+                c: Any) -> list[str]:
   get = c.get if hasattr(c, 'get') else lambda k, d=None: getattr(c, k, d)
   out = []
   max_params = int(get('max_params', 0) or 0)
@@ -910,7 +930,7 @@ def _violations(report: ModelReport, walker: _Walker, saw_batch_norm: bool, c: A
     out.extend(walker.violations_conv)
   if not get('allow_dense', True):
     out.extend(v for k, v in enumerate(walker.dense_ops) if k not in walker.gates)
-  if get('require_batch_norm', False) and not saw_batch_norm:
+  if get('require_batch_norm', False) and not uses_batch_norm():
     out.append('the model has no BatchNorm layer (constraints.require_batch_norm=True)')
   return out
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -110,6 +112,35 @@ def einsum_to_matmul(proto) -> int:
   return count
 
 
+# Flax's pooling functions, which jax2onnx replaces during a conversion by versions that take
+# the window only by keyword: `nn.max_pool(x, (2, 2))`, as Flax documents it, then fails with a
+# TypeError. The model is traced with Flax's own functions (their `lax.reduce_window` reaches
+# jax2onnx's lax plugins, which write the same ONNX pooling).
+_FLAX_POOLING = (('flax.linen', ('max_pool', 'avg_pool', 'min_pool', 'pool')),
+                 ('flax.nnx', ('max_pool', 'avg_pool', 'min_pool', 'pool')))
+
+
+@contextlib.contextmanager
+def _flax_pooling(originals: dict[tuple[Any, str], Any]):
+  """Puts Flax's pooling functions (as they were before jax2onnx patched them) back for a while."""
+  patched = {key: getattr(*key) for key in originals}
+  for (module, name), fn in originals.items():
+    setattr(module, name, fn)
+  try:
+    yield
+  finally:
+    for (module, name), fn in patched.items():
+      setattr(module, name, fn)
+
+
+def _pooling_functions() -> dict[tuple[Any, str], Any]:
+  found = {}
+  for module_name, names in _FLAX_POOLING:
+    module = importlib.import_module(module_name)
+    found.update({(module, n): getattr(module, n) for n in names if hasattr(module, n)})
+  return found
+
+
 def convert(run):
   """The run's model in float32 as an ONNX ModelProto (uint8 images in, logits out)."""
   import jax
@@ -124,8 +155,11 @@ def convert(run):
   model = models.build_model(config, run.num_classes)
   mean, std = jnp.asarray(run.mean), jnp.asarray(run.std)
 
+  pooling = _pooling_functions()
+
   def logits(images):
-    return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
+    with _flax_pooling(pooling):
+      return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
 
   spec = jax.ShapeDtypeStruct(('batch', *run.image_shape), jnp.uint8)
   proto = jax2onnx.to_onnx(logits, [spec], model_name=f'dsconv_jax_{run.config.model}',
