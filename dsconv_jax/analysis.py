@@ -1119,6 +1119,8 @@ class _StructureWalker:
         return dataclasses.replace(plain, inv_std=a.inv_std)  # Times a scale parameter.
       if a.inv_std is not None and b.data and b.inv_std is None and b.normalised is None:
         return self._normalised(plain, a.inv_std)
+      if a.normalised is not None and not (b.data or b.moving):
+        return dataclasses.replace(plain, normalised=a.normalised)  # Scaled after normalising.
     return plain
 
   def _normalised(self, plain: _Source, moving: bool) -> _Source:

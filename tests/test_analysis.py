@@ -626,3 +626,31 @@ def test_a_model_with_analysis_gaps_and_global_context_is_set_up_to_train(se_net
   assert not np.array_equal(depthwise[:, :, 0, 4], centre)
   # The optimizer's BatchNorm-bias mask is the model's: initialising it traced the structure.
   assert exp.state.opt_state is not None
+
+
+def test_require_batch_norm_finds_a_batch_norm_by_what_it_computes():
+  """A BatchNorm written by hand (no flax BatchNorm): normalised by stored moving statistics."""
+  class HandNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      c = x.shape[-1]
+      mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,))
+      var = self.variable('batch_stats', 'var', jnp.ones, (c,))
+      y = (x - mean.value) * jax.lax.rsqrt(var.value + 1e-3)
+      return y * self.param('gamma', nn.initializers.ones, (c,)) + self.param(
+          'beta', nn.initializers.zeros, (c,))
+
+  class Net(nn.Module):
+    hand_norm: bool
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(4, (1, 1))(x)
+      x = HandNorm()(x) if self.hand_norm else nn.LayerNorm()(x)
+      return jnp.mean(nn.Conv(3, (1, 1))(x), axis=(1, 2))
+  constraints = get_config().constraints
+  assert analysis.analyze_model(Net(hand_norm=True), (8, 8, 3), constraints).violations == []
+  assert analysis.analyze_model(Net(hand_norm=False), (8, 8, 3), constraints).violations == [
+      'the model has no BatchNorm layer (constraints.require_batch_norm=True)']
+  structure = analysis.parameter_structure(Net(hand_norm=True), (8, 8, 3))
+  assert [(n.moving, n.shift) for n in structure.normalisations] == [(True, ('HandNorm_0', 'beta'))]
