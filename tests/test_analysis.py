@@ -290,7 +290,7 @@ def _same_3x3(x):
     ('transpose', lambda x: jnp.transpose(x, (0, 2, 1, 3)), 'it swaps the height and width axes'),
     ('concatenate', lambda x: jnp.concatenate([x, x], axis=2),
      'it joins maps along the height or width axis'),
-    # A flip keeps the field's size, but pixel k then sees what pixel n - 1 - k saw: refused.
+    # A flip keeps the field's size, but pixel k then sees what pixel n - 1 - k saw: unknown.
     ('rev', lambda x: x[:, ::-1], 'it flips the height or width axis'),
     ('add', lambda x: x[:, :4] + x[:, ::2], 'it combines maps whose neighbouring pixels are 1 and 2'),
     # A primitive with no rule (a crop at positions known only when it runs).
