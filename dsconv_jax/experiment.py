@@ -219,7 +219,11 @@ class Experiment:
 def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape, tx, mesh,
                seed_key: jax.Array) -> steps.TrainState:
   """The initial train state of seed `seed_key`, replicated over `mesh`."""
-  init_params = layers.dirac_init if config.get('dirac_init', False) else None
+  init_params = None
+  if config.get('dirac_init', False):
+    init_params = functools.partial(
+        layers.dirac_init,
+        convolutions=analysis.parameter_structure(model, image_shape).convolutions)
   return jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
                                    tx=tx, ema=bool(ema_decay_of(config)),
                                    init_params=init_params),
@@ -252,7 +256,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
   config = description.config
 
   mean, std = data_lib.normalization_stats(data.train.images, config.normalization)
-  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch),
+                              analysis.batch_norm_biases(description.model, data.image_shape))
   mesh = steps.create_mesh()
   seed_key = jax.random.key(config.seed)
   state = init_state(config, description.model, data.image_shape, tx, mesh, seed_key)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dsconv_jax import analysis
 from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import data as data_lib
 from dsconv_jax import experiment as experiment_lib
@@ -244,7 +245,8 @@ def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, image_sh
                    num_train_examples: int) -> steps.TrainState:
   """The shapes and dtypes of the run's train state, as `experiment.init_state` builds it."""
   steps_per_epoch = max(1, num_train_examples // int(config.batch_size))
-  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch),
+                              analysis.batch_norm_biases(model, image_shape))
   create = functools.partial(steps.create_train_state, model, image_shape=tuple(image_shape),
                              tx=tx, ema=bool(experiment_lib.ema_decay_of(config)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

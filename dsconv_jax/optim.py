@@ -152,24 +152,24 @@ OPTIMIZERS: dict[str, Callable[[Any, Schedule], optax.GradientTransformation]] =
 DECOUPLED_DECAY = ('adamw',)
 
 
-def batch_norm_bias_mask(params) -> Any:
-  """True for BatchNorm biases (shifts): leaves named 'bias' under a module whose name holds
-  'batchnorm' or 'batch_normalization' (any case), as flax, this project and Keras name them."""
-  def is_bn_bias(path, _):
-    names = [str(getattr(k, 'key', k)).lower() for k in path]
-    return names[-1] == 'bias' and any('batchnorm' in n or 'batch_normalization' in n
-                                       for n in names[:-1])
-  return jax.tree_util.tree_map_with_path(is_bn_bias, params)
+def _biases_not_given(params) -> Any:
+  raise ValueError('config.bn_bias_lr_multiplier needs the model\'s BatchNorm biases: pass '
+                   'create_optimizer(..., batch_norm_biases=analysis.batch_norm_biases(model, '
+                   'image_shape))')
 
 
-def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
+def create_optimizer(config, schedule: Schedule,
+                     batch_norm_biases: Callable[[Any], Any] | None = None
+                     ) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer` (a key of `OPTIMIZERS`).
 
   `config.weight_decay` (0 = off) skips BatchNorm parameters and biases (`decay_mask`). For
   'adamw' it is decoupled (optax.adamw: wd * lr * param); for the others it is added to the
   gradient before the optimizer (L2, the classic SGD form). `config.bn_bias_lr_multiplier`
   (1 = off) scales the updates of BatchNorm biases, i.e. their learning rate (airbench trains
-  them at a much higher rate than the kernels).
+  them at a much higher rate than the kernels); `batch_norm_biases` (params -> a tree of bools,
+  called when the optimizer is initialised) says which they are, found by what the model
+  computes (`analysis.batch_norm_biases`). It is needed only to initialise such an optimizer.
   """
   name = config.optimizer
   wd = float(config.get('weight_decay', 0.0) or 0.0)
@@ -184,5 +184,6 @@ def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation
   if wd and name not in DECOUPLED_DECAY:
     tx = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), tx)
   if bias_lr != 1.0:
-    tx = optax.chain(tx, optax.masked(optax.scale(bias_lr), batch_norm_bias_mask))
+    tx = optax.chain(tx, optax.masked(optax.scale(bias_lr),
+                                      batch_norm_biases or _biases_not_given))
   return tx
