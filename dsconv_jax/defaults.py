@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # GPUs and TPUs; on CPUs it is slower (BENCHMARKS.md).
   config.compute_dtype = 'float32'
   # Dropout masks: 'hash' (a seeded counter hash, fused into the step: BENCHMARKS.md) or
-  # 'threefry' (jax.random.bernoulli, what runs drew before 'hash' existed; about 2x slower on CPU).
+  # 'threefry' (jax.random.bernoulli, Flax's own masks; about 2x slower on CPU).
   config.dropout_impl = 'hash'
   # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
   config.fit_params = 0

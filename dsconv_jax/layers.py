@@ -88,8 +88,8 @@ class Options:
 
   depthwise: 'auto' (shifted on CPU, grouped elsewhere), 'grouped' or 'shifted'.
 
-  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s masks,
-    what runs drew before 'hash' existed); the masks differ, their distribution does not.
+  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s
+    masks); the masks differ, their distribution does not.
 
   batch_norm_axis: the `jax.pmap` axis name over which BatchNorm averages its batch statistics in
     training; None under `jit` with a sharded batch, where XLA already computes them globally.
