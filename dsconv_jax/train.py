@@ -227,9 +227,11 @@ def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str |
 def _batch_norm_remedies(momentum: float) -> str:
   """The remedies for unsettled statistics, the one that lifts a short run above chance first
   (docs/troubleshooting.md cites the runs that measured them)."""
-  return ('use --config.bn_recalibrate_batches=20 (statistics recomputed from training batches '
-          'before each evaluation), a smaller batch, more training data'
-          + (', or --config.bn_momentum=0.9' if momentum > 0.9 else ''))
+  remedies = ['--config.bn_recalibrate_batches=20 (statistics recomputed from training batches '
+              'before each evaluation)', 'a smaller batch', 'more training data']
+  if momentum > 0.9:
+    remedies.append('--config.bn_momentum=0.9')
+  return 'use ' + ', '.join(remedies[:-1]) + ', or ' + remedies[-1]
 
 
 # A final validation accuracy below this multiple of chance (1 / classes) counts as near chance.
