@@ -1,4 +1,4 @@
-"""The recipe table of issue 16: finished runs side by side with their difference to a baseline.
+"""A recipe table: finished runs side by side with their difference to a baseline run.
 
     python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] [--labels=a,b,...] > table.md
 

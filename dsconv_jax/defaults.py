@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Momentum and epsilon of every BatchNorm layer (Keras' defaults), for models that declare
   # bn_momentum / bn_epsilon fields (all built-in ones with BatchNorm, and 'sequential').
   config.bn_momentum = 0.99
-  config.bn_epsilon = 1e-3
+  config.bn_epsilon = 1e-3  # Added to the variance before normalising (Keras' 1e-3).
   # Before each evaluation, recompute BatchNorm's statistics as the mean of this many training
   # batches' own statistics, for the weights evaluated (PreciseBN; the EMA weights when
   # ema_decay > 0); training keeps its moving averages. 0 = off (the source recipes: Keras).
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   # GPUs and TPUs; on CPUs it is slower (BENCHMARKS.md).
   config.compute_dtype = 'float32'
   # Dropout masks: 'hash' (a seeded counter hash, fused into the step: BENCHMARKS.md) or
-  # 'threefry' (jax.random.bernoulli, what runs drew before 'hash' existed; about 2x slower on CPU).
+  # 'threefry' (jax.random.bernoulli, Flax's own masks; about 2x slower on CPU).
   config.dropout_impl = 'hash'
   # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
   config.fit_params = 0
@@ -52,9 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 0
   # Use only the first N examples of the seeded shuffle of each split (0 = all). The subsets are
   # fixed by data_seed, so that runs with different seeds see the same examples.
-  config.train_examples = 0
-  config.eval_examples = 0
-  config.data_seed = 0
+  config.train_examples = 0  # Of the training images left after the holdout.
+  config.eval_examples = 0  # Of the split validated on after each epoch.
+  config.data_seed = 0  # Draws those subsets and the holdout.
   # Training images held out (class-balanced, drawn by data_seed) and validated on after every
   # epoch, so that choices never see the test split, which is evaluated once at the end
   # (summary.json's val_split 'holdout:N'). 0 validates on the test split, as the source studies
@@ -67,21 +67,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment = ''
 
   # Training.
-  config.num_epochs = 50
-  config.batch_size = 128
-  config.eval_batch_size = 1000
-  config.seed = 0
+  config.num_epochs = 50  # Passes over the training images.
+  config.batch_size = 128  # Global: split over all devices, so it must divide by their number.
+  config.eval_batch_size = 1000  # Images per evaluation step (memory only; no effect on results).
+  config.seed = 0  # Initialisation, data order, dropout and augmentation (not the subsets).
   # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'adamw' (decoupled weight decay),
   # 'sgd' (with momentum, nesterov).
   config.optimizer = 'keras_adam'
-  config.momentum = 0.9
-  config.nesterov = False
-  config.learning_rate = 0.01
+  config.momentum = 0.9  # Of 'sgd'.
+  config.nesterov = False  # Nesterov momentum for 'sgd'.
+  config.learning_rate = 0.01  # The peak (or first) learning rate of lr_schedule.
   # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
   # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0
   # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule).
   config.lr_schedule = 'inverse_time'
-  config.lr_decay = 0.319
+  config.lr_decay = 0.319  # Of 'inverse_time' (source 000's value).
   # Linear warm-up of the per-step schedules over this many epochs (fractions allowed).
   config.warmup_epochs = 0.0
   # Weight decay on kernels only, never BatchNorm parameters or biases (0 = off).
@@ -110,8 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.constraints = ml_collections.ConfigDict()
   config.constraints.max_params = 100_000  # The Keras total must stay below this (0 = no limit).
   config.constraints.depthwise_separable_only = True  # No k x k (k > 1) convolution across channels.
-  config.constraints.require_batch_norm = True
-  config.constraints.allow_dense = False
+  config.constraints.require_batch_norm = True  # At least one BatchNorm layer.
+  config.constraints.allow_dense = False  # Dense (fully connected) layers allowed.
   return config
 
 

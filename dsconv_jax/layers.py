@@ -18,9 +18,8 @@ Depthwise convolution has two numerically equivalent implementations (`Options.d
 kh*kw shifted, scaled copies of the input (at stride 1 with a hand-written gradient). Inside
 Model 3's compiled CPU epoch the shifted form trains about 80x faster than the grouped one
 (results/throughput-cpu-forms), while the grouped form keeps one fused convolution on
-accelerators. 'auto' picks 'shifted' on CPU and 'grouped' elsewhere; on an H200 the shifted form
-trained DS-ResNet 1.26x faster than grouped (results/gpu-h200-dsresnet-bench), Model 3's forms
-there are still to be timed.
+accelerators. 'auto' picks 'shifted' on CPU and 'grouped' elsewhere; `python -m
+dsconv_jax.throughput` times both forms of a model on the device at hand (BENCHMARKS.md).
 
 Pointwise convolution, tiled max pooling and the stride-1 shifted depthwise form use the
 hand-written gradients of `dsconv_jax.fast_grads` (for speed on XLA's CPU backend), and dropout
@@ -88,8 +87,10 @@ class Options:
   config for models that declare the field.
 
   depthwise: 'auto' (shifted on CPU, grouped elsewhere), 'grouped' or 'shifted'.
-  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s masks,
-    what runs drew before 'hash' existed); the masks differ, their distribution does not.
+
+  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s
+    masks); the masks differ, their distribution does not.
+
   batch_norm_axis: the `jax.pmap` axis name over which BatchNorm averages its batch statistics in
     training; None under `jit` with a sharded batch, where XLA already computes them globally.
   """

@@ -1,7 +1,7 @@
 """A model written in the config file: `config.model = 'sequential'` and `config.layers`.
 
 `config.layers` is a list of strings, each one Keras layer call, with Keras' class names, argument
-names, argument order and defaults (padding 'valid', use_bias=True, ...):
+names, argument order and defaults (padding 'valid', use_bias=True, ...)::
 
     config.model = 'sequential'
     config.layers = [
@@ -18,7 +18,7 @@ names, argument order and defaults (padding 'valid', use_bias=True, ...):
 Each string is read with Python's `ast`, never evaluated: a call with positional and keyword
 arguments whose values are literals (numbers, strings, True/False/None, tuples and lists of them).
 A `keras.layers.` or `layers.` prefix is allowed. The layers, each built from the
-`dsconv_jax.layers` layer named after the arrow (so that the summary shows one row per layer):
+`dsconv_jax.layers` layer named after the arrow (so that the summary shows one row per layer)::
 
   DepthwiseConv2D(kernel_size, strides=1, padding='valid', depth_multiplier=1, dilation_rate=1,
                   activation=None, use_bias=True)                       -> DepthwiseConv2D

@@ -318,36 +318,3 @@ def test_a_spec_trains_and_a_workdir_refuses_another_spec(tmp_path):
   config.layers = [l.replace('Dropout(0.1)', 'Dropout(0.2)') for l in TINY]
   with pytest.raises(UserError, match="different configuration.*layers:"):
     train.train_and_evaluate(config, workdir, quiet=True)
-
-
-def _readme_block(marker):
-  """The fenced block after `<!-- marker -->` in README.md."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    text = f.read()
-  start = text.index('```', text.index(f'<!-- {marker} -->'))
-  start = text.index('\n', start) + 1
-  return text[start:text.index('```', start)]
-
-
-def test_the_readme_walkthrough_runs_as_written(tmp_path, cli_env):
-  """README's 'Design your own model' commands, on generated images, one short epoch each."""
-  folder = make_image_folder(tmp_path / 'images', per_class=(16, 4))
-  config = tmp_path / 'mine.py'
-  config.write_text(_readme_block('walkthrough-config'))
-  data = [f'--config.dataset=folder:{folder}', '--config.num_epochs=1', '--config.batch_size=8',
-          '--config.cache_dir=']
-  for line in _readme_block('walkthrough-commands').strip().splitlines():
-    args = line.split()[2:]  # after 'python -m'
-    module = args.pop(0)
-    args = [a.replace('--config=mine.py', f'--config={config}').replace('runs/', f'{tmp_path}/')
-            for a in args]
-    if module == 'dsconv_jax.main':
-      args += data
-    out = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=cli_env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (line, out.stderr[-3000:])
-    if module == 'dsconv_jax.summary':
-      assert 'Constraints: all hold.' in out.stdout and 'Residual' not in out.stderr
-  table = (tmp_path / 'mine-vs-model3.md').read_text()
-  assert '| mine ' in table and '| model3 ' in table
-  assert (tmp_path / 'mine-vs-model3.png').exists()
