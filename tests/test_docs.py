@@ -40,12 +40,13 @@ def doc_commands(page: str, marker: str) -> list[list[str]]:
   return [shlex.split(line) for line in joined.splitlines() if line.strip()]
 
 
-def run_module(args: list[str], env, **replace) -> subprocess.CompletedProcess:
+def run_module(args: list[str], env, timeout: float = 600, **replace
+               ) -> subprocess.CompletedProcess:
   """Runs a `python -m dsconv_jax.X ...` command from the docs, with some arguments replaced."""
   assert args[:2] == ['python', '-m'], args
   args = [replace.get(a, a) for a in args[2:]]
   out = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=timeout)
   assert out.returncode == 0, (args, out.stderr[-3000:])
   return out
 
@@ -116,7 +117,7 @@ def test_the_first_run_learns_on_cifar10(tmp_path, cli_env):
   (command,) = doc_commands('quickstart.md', 'first-run')
   workdir = tmp_path / 'first'
   run_module(command + [f'--config.dataset=folder:{os.environ[CIFAR10_FOLDER]}'], cli_env,
-             **{'--workdir=runs/first': f'--workdir={workdir}'})
+             timeout=3600, **{'--workdir=runs/first': f'--workdir={workdir}'})
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)
   assert summary['test_accuracy'] >= FIRST_RUN_CIFAR10_THRESHOLD, summary['test_accuracy']
