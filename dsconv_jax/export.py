@@ -123,13 +123,14 @@ def convert(run):
   from dsconv_jax import steps
 
   config = run.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
+  if models.declares(models.model_constructor(config.model), 'options'):
+    with config.unlocked():
+      config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
   model = models.build_model(config, run.num_classes)
   mean, std = jnp.asarray(run.mean), jnp.asarray(run.std)
 
   def logits(images):
-    return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
+    return model.apply(run.network_variables, steps.preprocess(images, mean, std), train=False)
 
   spec = jax.ShapeDtypeStruct(('batch', *run.image_shape), jnp.uint8)
   proto = jax2onnx.to_onnx(logits, [spec], model_name=f'dsconv_jax_{run.config.model}',
@@ -162,9 +163,9 @@ def jax_logits(run, images: np.ndarray) -> np.ndarray:
   """JAX's float32 logits of the run's model as the run built it (its own depthwise form)."""
   import jax
   from dsconv_jax import steps
-  apply = jax.jit(lambda variables, x: run.model.apply(
+  apply = jax.jit(lambda variables, x: run.network.apply(
       variables, steps.preprocess(x, run.mean, run.std), train=False))
-  return np.asarray(apply(run.variables, images))
+  return np.asarray(apply(run.network_variables, images))
 
 
 def check_grouped(proto, params) -> list[int]:
@@ -255,7 +256,7 @@ def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None =
   test = dataset.test
 
   proto = convert(run)
-  groups = check_grouped(proto, run.variables['params'])
+  groups = check_grouped(proto, run.network_variables['params'])
   import onnx
   onnx.checker.check_model(proto)
   payload = proto.SerializeToString()
