@@ -166,7 +166,7 @@ class NNXModel:
         value = jax.random.wrap_key_data(value, impl=self._key_impls[path])
       flat.append((path, template.replace(value)))
     graph = self._train_graph if train else self._eval_graph
-    return nnx.merge(graph, nnx.State.from_flat_path(flat))
+    return nnx.merge(graph, nnx.from_flat_state(flat))
 
   def variables_of(self, state: nnx.State) -> dict[str, Any]:
     """`state` (an `nnx.State` of the module) as the collections of the functional form."""
