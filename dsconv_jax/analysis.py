@@ -871,9 +871,11 @@ def batch_norm_settings(model: nn.Module, input_shape: Sequence[int]
   settings = []
 
   def record(module, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    # Read after the call: an inner interceptor may set them (`models.BatchNormOverride`).
     if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
       settings.append((float(module.momentum), float(module.epsilon)))
-    return next_fun(*args, **kwargs)
+    return out
 
   def linen(next_fun, args, kwargs, context):
     if context.method_name != '__call__':
