@@ -90,6 +90,11 @@ class NNXModel:
       abstract = nnx.eval_shape(lambda: cls(**self.kwargs, rngs=nnx.Rngs(0)))
     except TypeError as e:
       raise UserError(f'bad model_kwargs for model {self.name!r}: {e}') from None
+    except Exception as e:  # pylint: disable=broad-except
+      # The module's own constructor failed (a bad argument value): the user's to fix.
+      detail = (str(e).strip().splitlines() or [''])[0]
+      raise UserError(f'constructing model {self.name!r} with {self.kwargs} failed: '
+                      f'{type(e).__name__}: {detail}') from None
     if not isinstance(abstract, nnx.Module):
       raise UserError(f'model {self.name!r} built {type(abstract).__name__}, not an nnx.Module')
     self._set_batch_norm(abstract)
