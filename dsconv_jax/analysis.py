@@ -63,11 +63,13 @@ import textwrap
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsconv_jax import layers as layers_lib
+from dsconv_jax import nnx_adapter
 from dsconv_jax.errors import UserError
 
 _MARKER_PREFIX = '_dsconv_layer_'
@@ -78,7 +80,9 @@ RF_OVERSHOOT_FACTOR = 4
 # Plain Flax layers that get a row of their own, with the type the project's layer would have
 # (`nn.Conv` is typed by `_conv_type`).
 _FLAX_ROWS = ((nn.BatchNorm, 'BatchNorm'), (nn.Dropout, 'Dropout'), (nn.Dense, 'Dense'),
-              (nn.GroupNorm, 'GroupNorm'), (nn.LayerNorm, 'LayerNorm'))
+              (nn.GroupNorm, 'GroupNorm'), (nn.LayerNorm, 'LayerNorm'),
+              (nnx.BatchNorm, 'BatchNorm'), (nnx.Dropout, 'Dropout'), (nnx.Linear, 'Dense'),
+              (nnx.GroupNorm, 'GroupNorm'), (nnx.LayerNorm, 'LayerNorm'))
 
 # Primitives the walk enters and follows inside (called once, with these operands).
 _CALLS = frozenset({'jit', 'closed_call', 'custom_jvp_call', 'custom_vjp_call', 'remat2'})
@@ -684,8 +688,9 @@ _RULES = {
 }
 
 
-def _conv_type(module: nn.Conv, in_features: int) -> str:
-  """The project's type of a plain `nn.Conv`: depthwise, pointwise, or a full (grouped) one."""
+def _conv_type(module: nn.Conv | nnx.Conv, in_features: int) -> str:
+  """The project's type of a plain `nn.Conv` or `nnx.Conv`: depthwise, pointwise, or a full
+  (grouped) one."""
   kernel = (module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size
   if module.feature_group_count == in_features:
     return 'DepthwiseConv2D'
@@ -698,7 +703,7 @@ def _row_type(module: nn.Module, args, kwargs) -> str | None:
   """The type of `module`'s row in the table, or None when its call has no row of its own."""
   if isinstance(module, layers_lib.Layer):
     return type(module).__name__
-  if isinstance(module, nn.Conv):
+  if isinstance(module, (nn.Conv, nnx.Conv)):
     return _conv_type(module, (*args, *kwargs.values())[0].shape[-1])
   return next((name for cls, name in _FLAX_ROWS if isinstance(module, cls)), None)
 
@@ -722,11 +727,14 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
   saw_batch_norm = [False]
 
   def interceptor(next_fun, args, kwargs, context):
-    module = context.module
     if context.method_name != '__call__':
       return next_fun(*args, **kwargs)
-    modules.add('/'.join(module.scope.path))
-    if isinstance(module, nn.BatchNorm):  # The project's BatchNorm wraps one too.
+    return on_call(tuple(context.module.scope.path), context.module, next_fun, args, kwargs)
+
+  def on_call(path, module, next_fun, args, kwargs):
+    """A module call (Linen's, or an NNX model's submodule's): a row when it is a layer."""
+    modules.add('/'.join(path))
+    if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):  # The project's BatchNorm wraps one.
       saw_batch_norm[0] = True
     row_type = _row_type(module, args, kwargs)
     if row_type is None:
@@ -743,12 +751,12 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
     if not outermost:
       return out
     index = len(rows)
-    rows.append({'path': tuple(module.scope.path), 'type': row_type,
+    rows.append({'path': path, 'type': row_type,
                  'shape': list(out.shape[1:]), 'itemsize': out.dtype.itemsize})
     return _tag(out, f'{_MARKER_PREFIX}{index}')
 
   def apply(variables, x):
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), nnx_adapter.intercept_calls(on_call):
       return model.apply(variables, x, train=False)
 
   closed = jax.make_jaxpr(apply)(variables, x)
@@ -758,17 +766,18 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
   walker.run(closed.jaxpr, in_infos, _kernel_leaves(variables) + [False])
 
   trainable = variables.get('params', {})
+  weights = _weights(variables)
   layer_reports = []
   for index, row in enumerate(rows):
     n_train = _count(_subtree(trainable, row['path']))
-    n_all = sum(_count(_subtree(tree, row['path'])) for tree in variables.values())
+    n_all = sum(_count(_subtree(tree, row['path'])) for tree in weights.values())
     rf, jump, whole = _row_field(walker.marked.get(index), row['shape'], input_shape)
     layer_reports.append(LayerReport(
         name='/'.join(row['path']), type=row['type'], output_shape=row['shape'], params=n_all,
         params_trainable=n_train, receptive_field=rf, jump=jump, macs=walker.macs.get(index, 0),
         activation_bytes=math.prod(row['shape']) * row['itemsize'], sees_whole_image=whole))
 
-  total = _count(variables)
+  total = _count(weights)
   n_trainable = _count(trainable)
   activations = [l.activation_bytes for l in layer_reports]
   report = ModelReport(input_shape=list(input_shape), layers=layer_reports, params_total=total,
@@ -810,7 +819,13 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   Equal to `analyze_model(...).params_total`, at a fraction of its cost (`dsconv_jax.budget`
   calls it many times).
   """
-  return _count(_abstract_variables(model, input_shape))
+  return _count(_weights(_abstract_variables(model, input_shape)))
+
+
+def _weights(variables) -> dict[str, Any]:
+  """The collections of `variables` that hold weights (Keras' count): all but an NNX model's
+  random-stream state (`nnx_adapter.STATE`)."""
+  return {k: v for k, v in variables.items() if k != nnx_adapter.STATE}
 
 
 def _abstract_variables(model: nn.Module, input_shape: Sequence[int]):
@@ -980,17 +995,28 @@ def _fmt(v: int | list[int] | None) -> str:
 
 def batch_norm_settings(model: nn.Module, input_shape: Sequence[int]
                         ) -> list[tuple[float, float]]:
-  """(momentum, epsilon) of every `flax.linen.BatchNorm` that `model` calls, in call order (the
-  project's BatchNorm layers wrap one), found by tracing its initialisation abstractly."""
+  """(momentum, epsilon) of every `flax.linen.BatchNorm` or `flax.nnx.BatchNorm` that `model`
+  calls, in call order (the project's BatchNorm layers wrap one), found by tracing it in
+  evaluation mode abstractly."""
   settings = []
 
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      settings.append((float(context.module.momentum), float(context.module.epsilon)))
-    return next_fun(*args, **kwargs)
+  def record(module, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    # Read after the call: an inner interceptor may set them (`models.BatchNormOverride`).
+    if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
+      settings.append((float(module.momentum), float(module.epsilon)))
+    return out
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  def linen(next_fun, args, kwargs, context):
+    if context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    return record(context.module, next_fun, args, kwargs)
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  variables = _abstract_variables(model, input_shape)
+  with nn.intercept_methods(linen), nnx_adapter.intercept_calls(
+      lambda path, *call: record(*call)):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   return settings
 
 

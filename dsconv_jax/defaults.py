@@ -5,13 +5,16 @@ wherever the package is installed and whatever the working directory.
 """
 
 import ml_collections
+import ml_collections.config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model: a name from dsconv_jax.models.MODELS; 'sequential', the model of config.layers; or an
   # import path 'package.module:Class' of any flax.linen.Module (importable from the working
-  # directory, or installed), called as module(images, train=...) and returning logits.
+  # directory, or installed), called as module(images, train=...) and returning logits, or of any
+  # flax.nnx.Module, constructed with rngs= and called as module(images) in the mode that
+  # model.train() / model.eval() set.
   config.model = 'model3'
   # Keyword overrides for the model's constructor.
   config.model_kwargs = ml_collections.ConfigDict()
@@ -19,10 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ['SeparableConv2D(32, 3, padding="same", use_bias=False)', 'BatchNormalization()', ...,
   #  'Conv2D("num_classes", 1)', 'GlobalAveragePooling2D()'] (grammar: dsconv_jax/sequential.py).
   config.layers = ()
-  # Momentum and epsilon of every BatchNorm layer (Keras' defaults), for models that declare
-  # bn_momentum / bn_epsilon fields (all built-in ones with BatchNorm, and 'sequential').
-  config.bn_momentum = 0.99
-  config.bn_epsilon = 1e-3  # Added to the variance before normalising (Keras' 1e-3).
+  # Momentum of every BatchNorm layer of any model; None keeps the model's own (the built-in
+  # models and 'sequential': Keras' 0.99; DS-ResNet: 0.9).
+  config.bn_momentum = ml_collections.config_dict.placeholder(float)
+  # Added to the variance before normalising, in every BatchNorm layer; None keeps the model's
+  # own (Keras' 1e-3 for the built-in models and 'sequential').
+  config.bn_epsilon = ml_collections.config_dict.placeholder(float)
   # Before each evaluation, recompute BatchNorm's statistics as the mean of this many training
   # batches' own statistics, for the weights evaluated (PreciseBN; the EMA weights when
   # ema_decay > 0); training keeps its moving averages. 0 = off (the source recipes: Keras).
@@ -31,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   # or a list like config.augment's ('none' = the images as evaluation sees them).
   config.bn_recalibrate_augment = 'train'
   # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
+  # This and dropout_impl reach models that declare an `options` field (the built-in ones and
+  # 'sequential'); for any other model their defaults keep its own forms.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm
   # statistics, gradients and the loss stay float32). bfloat16 halves activation memory traffic on

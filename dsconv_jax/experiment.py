@@ -166,7 +166,30 @@ def describe_model(config: ml_collections.ConfigDict, image_shape, num_classes: 
   config, width = budget.resolve_width(config, image_shape, num_classes)
   model = models.build_model(config, num_classes)
   report = analysis.analyze_model(model, image_shape, config.constraints)
+  given = models.batch_norm_from_config(config)
+  if given and not analysis.batch_norm_settings(model, image_shape):
+    key, value = next(iter(given.items()))
+    raise UserError(f'config.{key}={value} cannot reach model {config.model!r}: it calls no '
+                    'BatchNorm layer (flax.linen.BatchNorm or flax.nnx.BatchNorm); leave '
+                    f'config.{key} unset (None, the model\'s own)')
   return ModelDescription(config, model, report, width)
+
+
+def model_options_used(config: ml_collections.ConfigDict, model: Any,
+                       image_shape) -> dict[str, Any]:
+  """The model options as the model runs them, for summary.json: the distinct momenta and
+  epsilons of its BatchNorm layers (in call order), and the layer forms it computes with
+  (None: a model without `options` keeps its own forms)."""
+  settings = analysis.batch_norm_settings(model, image_shape)
+  distinct = lambda values: list(dict.fromkeys(values))
+  takes_options = models.declares(models.module_class(model), 'options')
+  return {
+      'bn_momentum': distinct(m for m, _ in settings),
+      'bn_epsilon': distinct(e for _, e in settings),
+      'depthwise_impl': (layers.resolve_depthwise_impl(config.get('depthwise_impl', 'auto'))
+                         if takes_options else None),
+      'dropout_impl': config.get('dropout_impl', 'hash') if takes_options else None,
+  }
 
 
 @dataclasses.dataclass

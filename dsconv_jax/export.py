@@ -150,8 +150,9 @@ def convert(run):
   from dsconv_jax import steps
 
   config = run.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
+  if models.declares(models.model_constructor(config.model), 'options'):
+    with config.unlocked():
+      config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
   model = models.build_model(config, run.num_classes)
   mean, std = jnp.asarray(run.mean), jnp.asarray(run.std)
 
@@ -159,7 +160,7 @@ def convert(run):
 
   def logits(images):
     with _flax_pooling(pooling):
-      return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
+      return model.apply(run.network_variables, steps.preprocess(images, mean, std), train=False)
 
   spec = jax.ShapeDtypeStruct(('batch', *run.image_shape), jnp.uint8)
   proto = jax2onnx.to_onnx(logits, [spec], model_name=f'dsconv_jax_{run.config.model}',
@@ -193,9 +194,9 @@ def jax_logits(run, images: np.ndarray) -> np.ndarray:
   """JAX's float32 logits of the run's model as the run built it (its own depthwise form)."""
   import jax
   from dsconv_jax import steps
-  apply = jax.jit(lambda variables, x: run.model.apply(
+  apply = jax.jit(lambda variables, x: run.network.apply(
       variables, steps.preprocess(x, run.mean, run.std), train=False))
-  return np.asarray(apply(run.variables, images))
+  return np.asarray(apply(run.network_variables, images))
 
 
 def infer_shapes_afresh(proto):
@@ -351,7 +352,7 @@ def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None =
   test = dataset.test
 
   proto = convert(run)
-  structure = analysis.parameter_structure(run.model, run.image_shape)
+  structure = analysis.parameter_structure(run.network, run.image_shape)
   groups = check_grouped(proto, structure.grouped_convolutions())
   checks = [check_model(proto, 'float32')]
   payload = proto.SerializeToString()

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import nnx
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from dsconv_jax import augment as augment_lib
+from dsconv_jax import nnx_adapter
 
 # Streams of randomness folded from the seed: one purpose each.
 INIT, PERMUTATION, STEP, RECALIBRATE, FLIP = 0, 1, 2, 3, 4
@@ -40,6 +42,14 @@ class TrainState(train_state.TrainState):
   # An exponential moving average of `params`, evaluated in their place; None when
   # config.ema_decay is 0, so that the state (and its checkpoints) are then as before.
   ema_params: Any = None
+  # The model's other variable collections that training updates (an NNX model's `nnx.Rngs`
+  # keys and counters: `nnx_adapter.STATE`), by collection; None for Linen models.
+  model_state: Any = None
+
+
+def model_variables(state: 'TrainState', params: Any) -> dict[str, Any]:
+  """The variables `state.apply_fn` takes: `params`, the BatchNorm statistics, the model state."""
+  return {'params': params, 'batch_stats': state.batch_stats, **(state.model_state or {})}
 
 
 def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array,
@@ -85,16 +95,20 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
                        init_params: Callable[[Any], Any] | None = None) -> TrainState:
   """The initial state; with `ema` it also holds `ema_params`, starting at the initial params.
 
-  `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`).
+  `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`). The
+  collections a model names in `state_collections` (an NNX model's) go to `model_state`.
   """
   variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
                          train=False)
   params = variables['params']
   if init_params is not None:
     params = init_params(params)
+  model_state = {k: variables[k] for k in getattr(model, 'state_collections', ())
+                 if k in variables}
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats', {}),
-                           ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+                           ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                           model_state=model_state or None)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
@@ -125,10 +139,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   # Augmentation runs in float32 so that both precisions see the same augmented images.
   x = x.astype(compute_dtype)
 
+  carried = list(state.model_state or {})
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
+        model_variables(state, params), x, train=True,
+        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats', *carried])
     return cross_entropy_loss(logits, labels, label_smoothing).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -136,7 +152,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   state = state.apply_gradients(grads=grads,
-                                batch_stats=updates.get('batch_stats', state.batch_stats))
+                                batch_stats=updates.get('batch_stats', state.batch_stats),
+                                model_state={k: updates[k] for k in carried} or None)
   if ema_decay:
     state = update_ema(state, ema_decay)
   return state, metrics
@@ -169,8 +186,7 @@ def eval_logits(state: TrainState, images: jax.Array, *, mean: jax.Array, std: j
   """
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std, compute_dtype)
-  apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
-                                   train=False)
+  apply = lambda x: state.apply_fn(model_variables(state, params), x, train=False)
   return tta_logits(apply, x, tta_flip=tta_flip, tta_translate=tta_translate)
 
 
@@ -211,6 +227,22 @@ def _exact_batch_statistics(next_fun, args, kwargs, context):
   return y
 
 
+def _exact_nnx_batch_statistics(path, module, call, args, kwargs):
+  """`_exact_batch_statistics` for an NNX model's `nnx.BatchNorm` (`nnx_adapter.intercept_calls`):
+  momentum 0 for the call, so that its statistics become the batch's own. The module is the
+  merged copy of one traced call."""
+  del path
+  if not isinstance(module, nnx.BatchNorm) or _first_not_none(
+      kwargs.get('use_running_average'), module.use_running_average):
+    return call(*args, **kwargs)
+  module.momentum = 0.0
+  return call(*args, **kwargs)
+
+
+def _first_not_none(*values):
+  return next((v for v in values if v is not None), None)
+
+
 def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, mean: jax.Array,
                      std: jax.Array, augment: tuple[str, ...] = (),
                      compute_dtype: str = 'float32') -> Any:
@@ -223,9 +255,10 @@ def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, me
   x = preprocess(images, mean, std)
   if augment:
     x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
-  with nn.intercept_methods(_exact_batch_statistics):
-    _, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                x.astype(compute_dtype), train=True,
+  with nn.intercept_methods(_exact_batch_statistics), nnx_adapter.intercept_calls(
+      _exact_nnx_batch_statistics):
+    _, updates = state.apply_fn(model_variables(state, params), x.astype(compute_dtype),
+                                train=True,
                                 rngs={'dropout': jax.random.fold_in(key, 1)},
                                 mutable=['batch_stats'])
   return updates['batch_stats']
