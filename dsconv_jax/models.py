@@ -228,7 +228,8 @@ class DSResNet(nn.Module):
       c, n = x.shape[-1], len(mix)
       bounds = [c * i // n for i in range(1, n)]
       return jnp.concatenate([conv(part, k, d) for part, (k, d) in
-                              zip(jnp.split(x, bounds, axis=-1), mix)], axis=-1)
+                              zip(jnp.split(x, bounds, axis=-1), mix) if part.shape[-1]],
+                             axis=-1)  # A group can be empty at the narrowest widths.
 
     def ds_conv(x, features, stem=False):
       if stem:
