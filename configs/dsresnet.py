@@ -33,10 +33,13 @@ def get_config():
   # --config.model_kwargs.activation=gelu, --config.model_kwargs.expansion=3 (inverted residual
   # blocks, MobileNetV2's; 0 = the basic block of two depthwise-separable convs),
   # --config.model_kwargs.depthwise_norm=bn_act (BatchNorm and activation between each depthwise
-  # and its pointwise, MobileNetV1's layer; 'bn' the BatchNorm alone; '' Keras' SeparableConv2D).
+  # and its pointwise, MobileNetV1's layer; 'bn' the BatchNorm alone; '' Keras' SeparableConv2D),
+  # --config.model_kwargs.dilation=2 (every depthwise filter after the stem dilated),
+  # --config.model_kwargs.kernel_mix=3,7,7d3 (channels split across kernels and dilations).
   config.model_kwargs = ml_collections.ConfigDict(
       {'widths': (32, 96, 128), 'blocks': (1, 2, 1), 'stem_multiplier': 8, 'kernel_size': 3,
-       'activation': 'relu', 'expansion': 0, 'depthwise_norm': ''})
+       'activation': 'relu', 'expansion': 0, 'depthwise_norm': '', 'dilation': 1,
+       'kernel_mix': ''})
   # The width multiplier that keeps the parameters under 100,000 (63/64 for the widths above),
   # found again for any override of the architecture; 0 builds the widths as given.
   config.fit_params = 99_999

@@ -67,11 +67,30 @@ def get_config() -> ml_collections.ConfigDict:
   # (summary.json's val_split 'holdout:N'). 0 validates on the test split, as the source studies
   # did (val_split 'test').
   config.holdout = 0
-  # 'scale' (x / 255, source 000) or 'standardize' (per-channel mean/std of the training data).
+  # 'scale' (x / 255, source 000), 'center' (x / 255 - 0.5) or 'standardize' (per-channel
+  # mean/std of the training data).
   config.normalization = 'scale'
-  # Comma-separated on-device augmentations: '', 'crop', 'flip', 'altflip' (airbench's alternating
-  # flip: each image mirrored in every other epoch), 'cutout' (e.g. 'crop,flip').
+  # Comma-separated on-device augmentations, applied in the order named: '', 'crop', 'flip',
+  # 'altflip' (airbench's alternating flip: each image mirrored in every other epoch), 'cutout',
+  # 'rotate', 'sharpen', 'jitter' (colour) (e.g. 'crop,flip'; dsconv_jax/augment.py).
   config.augment = ''
+  # 'crop' pads by 4 pixels mirroring the border ('reflect') or repeating it ('edge').
+  config.crop_padding_mode = 'reflect'
+  # 'rotate': each image (probability 0.95) turned by an angle uniform in +-this many degrees.
+  config.rotate_degrees = 15.0
+  # 'sharpen': PIL's sharpness with a factor uniform in [1, this] (probability 0.95; 1 = none).
+  config.sharpen_factor = 2.2
+  # 'jitter' (probability 0.9): brightness shift, contrast factor, saturation factor and hue turn,
+  # each uniform in +-its value (around 0, 1, 1 and 0), kornia's ColorJiggle.
+  config.color_jitter = (0.1, 0.1, 0.5, 0.05)
+  # Batch mixing after the augmentations: each image takes lam of a partner's (mixup: blended;
+  # cutmix: a box of that area), lam uniform in [0, this], and so does its loss (0 = off; one of
+  # the two at most).
+  config.mixup = 0.0
+  config.cutmix = 0.0
+  # The bound of lam grows linearly from 0 to mixup/cutmix over this fraction of the epochs
+  # (0 = the full bound from the start; xvel/cifar10-tiniest's mixup: 0.5, half the run).
+  config.mix_ramp = 0.0
 
   # Training.
   config.num_epochs = 50  # Passes over the training images.
@@ -86,13 +105,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.learning_rate = 0.01  # The peak (or first) learning rate of lr_schedule.
   # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
   # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0
-  # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule).
+  # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule),
+  # or 'cosine_onecycle' (to final_learning_rate).
   config.lr_schedule = 'inverse_time'
   config.lr_decay = 0.319  # Of 'inverse_time' (source 000's value).
   # Linear warm-up of the per-step schedules over this many epochs (fractions allowed).
   config.warmup_epochs = 0.0
-  # Weight decay on kernels only, never BatchNorm parameters or biases (0 = off).
+  # Weight decay (0 = off), on the parameters weight_decay_params names.
   config.weight_decay = 0.0
+  # The learning rate 'cosine_onecycle' ends at (it starts at learning_rate / 25, rises over
+  # warmup_epochs and falls along a cosine: PyTorch's OneCycleLR).
+  config.final_learning_rate = 0.0
+  # What weight decay shrinks: 'kernels' (not BatchNorm parameters or biases) or 'all'.
+  config.weight_decay_params = 'kernels'
   # Learning-rate multiplier of the BatchNorm biases (1 = the same as every other parameter).
   config.bn_bias_lr_multiplier = 1.0
   # Identity (Dirac) initialisation of the convolutions (`layers.dirac_init`; airbench).
@@ -101,6 +126,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   # Decay of an exponential moving average of the weights, evaluated instead of them (0 = off).
   config.ema_decay = 0.0
+  # Cap the decay at (1 + step) / (10 + step) early on (TensorFlow's num_updates), so the average
+  # forgets the initial weights fast; False averages with ema_decay from the first step.
+  config.ema_warmup = True
+  # Distillation: a finished run's workdir whose model (the teacher) scores every training batch
+  # as the student sees it; '' = off. The loss is (1 - distill_weight) x the label loss +
+  # distill_weight x T^2 KL(teacher || student) at temperature T = distill_temperature. The
+  # teacher must have trained on the same split (holdout, data_seed).
+  config.distill_workdir = ''
+  config.distill_weight = 0.5
+  config.distill_temperature = 4.0
   # Also report test_accuracy_tta_flip in summary.json (image and mirror averaged; off).
   config.tta_flip = False
   # Also report test_accuracy_tta_multicrop: airbench's multi-crop TTA, the image (and with

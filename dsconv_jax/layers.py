@@ -163,6 +163,7 @@ class DepthwiseConv2D(Layer):
   dilation: int | Sequence[int] = 1
   use_bias: bool = True
   kernel_init: Callable[..., Any] = glorot_uniform
+  bias_init: Callable[..., Any] = zeros
   options: Options = Options()
 
   @nn.compact
@@ -174,7 +175,7 @@ class DepthwiseConv2D(Layer):
                        padding=_padding(self.padding), dilation=_pair(self.dilation),
                        impl=self.options.depthwise)
     if self.use_bias:
-      y = y + self.param('bias', zeros, (c * self.depth_multiplier,)).astype(y.dtype)
+      y = y + self.param('bias', self.bias_init, (c * self.depth_multiplier,)).astype(y.dtype)
     return y
 
 
@@ -199,13 +200,15 @@ class PointwiseConv2D(Layer):
   """A 1x1 convolution mixing channels: C * F (+ F) parameters."""
   features: int
   use_bias: bool = True
+  kernel_init: Callable[..., Any] = glorot_uniform  # Of the (1, 1, C, F) kernel.
+  bias_init: Callable[..., Any] = zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kernel = self.param('kernel', glorot_uniform, (1, 1, x.shape[-1], self.features))
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
     y = pointwise_conv(x, kernel[0, 0].astype(x.dtype))
     if self.use_bias:
-      y = y + self.param('bias', zeros, (self.features,)).astype(y.dtype)
+      y = y + self.param('bias', self.bias_init, (self.features,)).astype(y.dtype)
     return y
 
 

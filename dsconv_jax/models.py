@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from dsconv_jax import nnx_adapter
 from dsconv_jax import sequential
@@ -129,6 +130,19 @@ class Separable80k(nn.Module):
 DEPTHWISE_NORMS = ('', 'bn', 'bn_act')  # DSResNet.depthwise_norm's values.
 
 
+def parse_kernel_mix(spec: str) -> tuple[tuple[int, int], ...]:
+  """DSResNet.kernel_mix, e.g. '3,7,7d3', as ((kernel, dilation), ...); '' is ()."""
+  groups = []
+  for token in (t.strip() for t in (spec or '').split(',') if t.strip()):
+    kernel, _, dilation = token.partition('d')
+    if not (kernel.isdigit() and int(kernel) % 2 == 1 and (not dilation or dilation.isdigit())
+            and int(dilation or 1) >= 1):
+      raise UserError(f'config.model_kwargs.kernel_mix={spec!r}: {token!r} is not an odd kernel '
+                      "size with an optional dilation (such as '5' or '7d3')")
+    groups.append((int(kernel), int(dilation or 1)))
+  return tuple(groups)
+
+
 class DSResNet(nn.Module):
   """This project's model under the source rules: a depthwise-separable ResNet, pool-often.
 
@@ -153,6 +167,13 @@ class DSResNet(nn.Module):
   the input with no activation after the add (the linear bottleneck). Its depthwise filters work
   in the wide space, and there is one per block instead of two.
 
+  `dilation` spaces the taps of every depthwise filter after the stem (the stem keeps
+  `kernel_size` undilated, so that the first layer sees neighbouring pixels): a 3x3 filter with
+  dilation 2 spans 5x5 for the same 9 parameters a channel. `kernel_mix` (e.g. '3,7,7d3') splits
+  the channels of each of those depthwise convolutions into as many near-equal groups, each with
+  its own kernel size and dilation (MixConv, Tan and Le 2019; xvel/cifar10-tiniest's blocks mix
+  3x3, 7x7 and 7x7 with dilation 3 the same way); '' uses `kernel_size` and `dilation`.
+
   `depthwise_norm` chooses what sits between the depthwise and the pointwise half of every
   depthwise-separable convolution (stem, transitions, basic blocks): '' nothing (Keras'
   SeparableConv2D, the sources' layer; Xception found no nonlinearity there best), 'bn' a
@@ -169,6 +190,8 @@ class DSResNet(nn.Module):
   # 0: the basic block (two depthwise-separable convs); t >= 1: inverted residual, expansion t.
   expansion: int = 0
   depthwise_norm: str = ''  # '', 'bn' or 'bn_act' between depthwise and pointwise (see above).
+  dilation: int = 1  # Of every depthwise filter after the stem.
+  kernel_mix: str = ''  # Channel groups with their own kernel and dilation, e.g. '3,7,7d3'.
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
@@ -190,6 +213,11 @@ class DSResNet(nn.Module):
     if self.depthwise_norm not in DEPTHWISE_NORMS:
       raise UserError("config.model_kwargs.depthwise_norm must be one of '', 'bn' or 'bn_act' "
                       f'(what sits between depthwise and pointwise), got {self.depthwise_norm!r}')
+    if (not isinstance(self.dilation, int) or isinstance(self.dilation, bool)
+        or self.dilation < 1):
+      raise UserError(f'config.model_kwargs.dilation must be an integer >= 1, got '
+                      f'{self.dilation!r}')
+    parse_kernel_mix(self.kernel_mix)
     super().__post_init__()
 
   @nn.compact
@@ -200,9 +228,25 @@ class DSResNet(nn.Module):
       return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        options=self.options)(x, train)
 
-    def ds_conv(x, features, depth_multiplier=1):
-      x = DepthwiseConv2D(self.kernel_size, depth_multiplier=depth_multiplier, padding='same',
-                          use_bias=False, options=self.options)(x, train)
+    def depthwise(x):
+      """Every depthwise convolution after the stem: one, or one per channel group."""
+      mix = parse_kernel_mix(self.kernel_mix) or ((self.kernel_size, self.dilation),)
+      conv = lambda x, k, d: DepthwiseConv2D(k, padding='same', dilation=d, use_bias=False,
+                                             options=self.options)(x, train)
+      if len(mix) == 1:
+        return conv(x, *mix[0])
+      c, n = x.shape[-1], len(mix)
+      bounds = [c * i // n for i in range(1, n)]
+      return jnp.concatenate([conv(part, k, d) for part, (k, d) in
+                              zip(jnp.split(x, bounds, axis=-1), mix) if part.shape[-1]],
+                             axis=-1)  # A group can be empty at the narrowest widths.
+
+    def ds_conv(x, features, stem=False):
+      if stem:
+        x = DepthwiseConv2D(self.kernel_size, depth_multiplier=self.stem_multiplier,
+                            padding='same', use_bias=False, options=self.options)(x, train)
+      else:
+        x = depthwise(x)
       if self.depthwise_norm:
         x = bn(x)
       if self.depthwise_norm == 'bn_act':
@@ -217,12 +261,11 @@ class DSResNet(nn.Module):
     def inverted_residual_block(x, features):
       act = lambda y: Activation(self.activation)(y, train)
       y = act(bn(PointwiseConv2D(features * self.expansion, use_bias=False)(x, train)))
-      y = act(bn(DepthwiseConv2D(self.kernel_size, padding='same', use_bias=False,
-                                 options=self.options)(y, train)))
+      y = act(bn(depthwise(y)))
       return x + bn(PointwiseConv2D(features, use_bias=False)(y, train))
 
     block = inverted_residual_block if self.expansion else residual_block
-    x = ds_conv(x, widths[0], depth_multiplier=self.stem_multiplier)
+    x = ds_conv(x, widths[0], stem=True)
     x = Activation(self.activation)(bn(x), train)
     for stage, (features, n_blocks) in enumerate(zip(widths, self.blocks)):
       if stage:
