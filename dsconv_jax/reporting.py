@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
 import sys
 from typing import Any, Sequence, TextIO
@@ -25,6 +27,39 @@ def versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
       pass
   return out
+
+
+def normalized(obj: Any) -> Any:
+  """`obj` as JSON reads it back (tuples as lists, keys sorted)."""
+  return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _without_fitted_width(config: dict[str, Any] | None) -> dict[str, Any] | None:
+  """`config` (a dict) without the width multiplier that `fit_params` chose, when it is on.
+
+  A run saves the config it built the model from, in which `budget.resolve_width` has set
+  `model_kwargs.width_multiplier`; the config given to a rerun has none (or one that the fit
+  replaces). The multiplier follows from the rest of the config, so it is left out of the
+  comparison rather than searched for again (a search builds the model up to ~10 times).
+  """
+  if not config or not config.get('fit_params'):
+    return config
+  kwargs = {k: v for k, v in (config.get('model_kwargs') or {}).items()
+            if k != 'width_multiplier'}
+  return {**config, 'model_kwargs': kwargs}
+
+
+def finished_summary(workdir: str, config) -> dict[str, Any] | None:
+  """The run's summary if it finished all epochs with exactly this config, else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if _without_fitted_width(summary.get('config')) != _without_fitted_width(
+      normalized(config.to_dict())):
+    return None
+  return summary if summary.get('epochs') == config.num_epochs else None
 
 
 def format_epoch(row: dict[str, Any], num_epochs: int, eta_seconds: float | None = None) -> str:
