@@ -8,7 +8,8 @@ loads its programs from it. Each run is a real `python -m dsconv_jax.main` proce
 run: `compile_seconds` (summary.json: the epoch and the evaluation, compiled or loaded), the
 programs loaded and compiled (summary.json's `compilation_cache`), and the wall seconds from the
 process's start to its first finished epoch (metrics.jsonl's first line). The decoded dataset is
-cached by a warm-up run first, so that both runs read it alike.
+read from `--data_cache` (the product's dataset cache, filled by a warm-up run when it is empty),
+so that both runs read it alike.
 """
 
 from __future__ import annotations
@@ -56,14 +57,18 @@ def main() -> None:
   parser.add_argument('--configs', default='configs/model3.py,configs/dsresnet.py')
   parser.add_argument('--train_examples', type=int, default=2000)
   parser.add_argument('--eval_examples', type=int, default=1000)
+  parser.add_argument('--data_cache', default='',
+                      help='config.cache_dir of the runs (default: a new folder, filled first)')
   parser.add_argument('--out', required=True, help='the JSON written')
   args = parser.parse_args()
   with tempfile.TemporaryDirectory(prefix='compile-cache-bench-') as tmp:
-    common = [f'--config.dataset={args.dataset}', f'--config.cache_dir={tmp}/data',
+    common = [f'--config.dataset={args.dataset}',
+              f'--config.cache_dir={args.data_cache or tmp + "/data"}',
               '--config.num_epochs=1', f'--config.train_examples={args.train_examples}',
               f'--config.eval_examples={args.eval_examples}', '--config.holdout=0']
     configs = args.configs.split(',')
-    _run(configs[0], f'{tmp}/warm-up', common, '')  # Decodes and caches the dataset.
+    if not args.data_cache:
+      _run(configs[0], f'{tmp}/warm-up', common, '')  # Decodes and caches the dataset.
     results = {}
     for config in configs:
       name = os.path.splitext(os.path.basename(config))[0]

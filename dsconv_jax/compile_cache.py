@@ -38,6 +38,10 @@ def configure(directory: str) -> str | None:
       os.path.expanduser(directory) if directory else '')
   if not chosen:
     return None
+  try:
+    import filelock  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:  # A declared dependency; without it the cache would be unsafe to share.
+    return None
   jax.config.update('jax_compilation_cache_dir', chosen)
   jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)
   # Every program, however quick to compile: an epoch of a small model compiles in under the

@@ -49,11 +49,11 @@ def test_the_evaluation_is_compiled_before_epoch_1(tmp_path):
   assert watch.during_epoch_1 == []
 
 
-def main_command(workdir, folder, cache):
+def main_command(workdir, folder, cache, *extra):
   return [sys.executable, '-m', 'dsconv_jax.main', '--config=configs/tiny.py',
           f'--workdir={workdir}', f'--config.dataset=folder:{folder}', '--config.num_epochs=1',
           '--config.train_examples=0', '--config.eval_examples=0',
-          f'--config.compilation_cache_dir={cache}', '--quiet']
+          f'--config.compilation_cache_dir={cache}', '--quiet', *extra]
 
 
 def cache_counts(workdir):
@@ -61,11 +61,12 @@ def cache_counts(workdir):
     return json.load(f)['compilation_cache']
 
 
-def test_processes_share_the_cache_and_a_rerun_compiles_nothing(tmp_path, cli_env):
+def test_processes_share_the_cache_and_another_seed_compiles_nothing(tmp_path, cli_env):
   folder = make_image_folder(tmp_path / 'images')
   cache = str(tmp_path / 'cache')
-  env = {k: v for k, v in cli_env.items() if not k.startswith('JAX_PERSISTENT_CACHE')}
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # The config key's folder, not the tests' own.
+  # The config key's folder and settings, not the tests' own cache.
+  env = {k: v for k, v in cli_env.items()
+         if not k.startswith(('JAX_PERSISTENT_CACHE', 'JAX_COMPILATION_CACHE'))}
   # Two processes compile the same programs into one empty cache at once.
   runs = [subprocess.Popen(main_command(tmp_path / f'run{i}', folder, cache), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -79,9 +80,10 @@ def test_processes_share_the_cache_and_a_rerun_compiles_nothing(tmp_path, cli_en
   first = [cache_counts(tmp_path / f'run{i}') for i in (1, 2)]
   assert all(c['dir'] == cache for c in first)
   assert sum(c['misses'] for c in first) > 0
-  # The same run again: every program (the epoch, the evaluation, ...) is loaded, none compiled.
-  again = subprocess.run(main_command(tmp_path / 'run3', folder, cache), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+  # Another seed (as a bench's next seed; the seed's key is an argument of the programs, not a
+  # constant in them): every program (the epoch, the evaluation, ...) is loaded, none compiled.
+  again = subprocess.run(main_command(tmp_path / 'run3', folder, cache, '--config.seed=1'),
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   counts = cache_counts(tmp_path / 'run3')
   assert counts['misses'] == 0 and counts['hits'] >= 2, counts
