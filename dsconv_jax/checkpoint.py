@@ -63,6 +63,10 @@ class _QuietOrbaxErrors(logging.Filter):
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.getMessage().startswith('Waiting for previous save to complete took'):
+      # Orbax's advice when a save waits on the previous one (a slow or busy disk): `save`
+      # waits for it first, and reports its failure.
+      return False
     if record.levelno < logging.ERROR:
       return True
     if record.name == 'asyncio':  # Orbax's event loop is the only one in the process.
