@@ -57,36 +57,9 @@ def parse_seeds(values: Sequence[str]) -> list[int]:
   return seeds
 
 
-def _normalized(obj: Any) -> Any:
-  return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _without_fitted_width(config: dict[str, Any] | None) -> dict[str, Any] | None:
-  """`config` (a dict) without the width multiplier that `fit_params` chose, when it is on.
-
-  A run saves the config it built the model from, in which `budget.resolve_width` has set
-  `model_kwargs.width_multiplier`; the config given to bench has none (or one that the fit
-  replaces). The multiplier follows from the rest of the config, so it is left out of the
-  comparison rather than searched for again (a search builds the model up to ~10 times).
-  """
-  if not config or not config.get('fit_params'):
-    return config
-  kwargs = {k: v for k, v in (config.get('model_kwargs') or {}).items()
-            if k != 'width_multiplier'}
-  return {**config, 'model_kwargs': kwargs}
-
-
-def finished_summary(seed_dir: str, config) -> dict[str, Any] | None:
-  """The run's summary if it finished all epochs with exactly this config, else None."""
-  path = os.path.join(seed_dir, 'summary.json')
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    summary = json.load(f)
-  if _without_fitted_width(summary.get('config')) != _without_fitted_width(
-      _normalized(config.to_dict())):
-    return None
-  return summary if summary.get('epochs') == config.num_epochs else None
+# A finished seed is kept, not retrained (`reporting.finished_summary`, as `main` does).
+_normalized = reporting.normalized
+finished_summary = reporting.finished_summary
 
 
 def time_to_target(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
@@ -159,7 +132,20 @@ def format_table(summaries: dict[int, dict[str, Any]], stats: dict[str, Any],
 
 def run_bench(config, workdir: str, seeds: Sequence[int],
               target_accuracy: float = 0.8293) -> dict[str, Any]:
-  """Trains (or resumes, or keeps) one run per seed and writes DIR/bench.json."""
+  """Trains (or resumes, or keeps) one run per seed and writes DIR/bench.json.
+
+  Process 0 holds DIR's lock throughout (`workdir_lock`), and each seed's run its own."""
+  import jax
+  from dsconv_jax import train, workdir_lock
+  if jax.process_index() != 0:
+    return _run_seeds(config, workdir, seeds, target_accuracy)
+  train.prepare_workdir(workdir)
+  with workdir_lock.hold(workdir):
+    return _run_seeds(config, workdir, seeds, target_accuracy)
+
+
+def _run_seeds(config, workdir: str, seeds: Sequence[int],
+               target_accuracy: float) -> dict[str, Any]:
   import jax
   from dsconv_jax import fileio, train
   summaries: dict[int, dict[str, Any]] = {}

@@ -62,8 +62,39 @@ class _QuietOrbaxErrors(logging.Filter):
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and '/orbax/' in record.pathname.replace(
-        '\\', '/'))
+    if record.getMessage().startswith('Waiting for previous save to complete took'):
+      # Orbax's advice when a save waits on the previous one (a slow or busy disk): `save`
+      # waits for it first, and reports its failure.
+      return False
+    if record.levelno < logging.ERROR:
+      return True
+    if record.name == 'asyncio':  # Orbax's event loop is the only one in the process.
+      return 'exception was never retrieved' not in record.getMessage()
+    return '/orbax/' not in record.pathname.replace('\\', '/')
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+  """A completion callback of a write that found Orbax's event loop already closed."""
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed')
+
+
+class _QuietClosedLoop:
+  """A `sys.unraisablehook` that drops `_is_closed_loop_callback` reports and hands every other
+  one to the hook it replaced."""
+
+  def __init__(self):
+    self.previous = sys.unraisablehook
+
+  def __call__(self, unraisable) -> None:
+    if not _is_closed_loop_callback(unraisable):
+      self.previous(unraisable)
+
+
+def _quiet_closed_loop() -> None:
+  """Installs `_QuietClosedLoop` once per process (it passes every other report on)."""
+  if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+    sys.unraisablehook = _QuietClosedLoop()
 
 
 @contextlib.contextmanager
@@ -108,10 +139,11 @@ class Checkpoints:
     # Orbax logs through absl's logger in some versions and its own module loggers in others; all
     # reach the root logger's handlers (absl's among them), so the filter sits on those too.
     self._quiet = _QuietOrbaxErrors()
-    self._filtered = [logging.getLogger('absl'), *logging.getLogger().handlers,
-                      *logging.getLogger('absl').handlers]
+    self._filtered = [logging.getLogger('absl'), logging.getLogger('asyncio'),
+                      *logging.getLogger().handlers, *logging.getLogger('absl').handlers]
     for target in self._filtered:
       target.addFilter(self._quiet)
+    _quiet_closed_loop()
 
   def epochs(self) -> list[int]:
     return sorted(self.manager.all_steps())

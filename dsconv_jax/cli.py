@@ -51,13 +51,12 @@ def define_distributed_flags() -> None:
 
 
 def apply_determinism(config) -> None:
-  """Asks XLA for deterministic GPU kernels when the config says so; before JAX starts."""
-  import os
+  """Asks XLA for deterministic GPU kernels when the config says so.
+
+  XLA reads XLA_FLAGS when a backend starts: entry points call this after parsing their flags and
+  before importing anything that starts JAX (`train` is imported after it).
+  """
   if config.get('deterministic', False):
-    if 'jax' in sys.modules and 'jax._src.xla_bridge' in sys.modules:
-      from jax._src import xla_bridge
-      if xla_bridge.backends_are_initialized():
-        raise UserError('config.deterministic must be applied before JAX starts its backends')
     flag = '--xla_gpu_deterministic_ops=true'
     if flag not in os.environ.get('XLA_FLAGS', ''):
       os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()

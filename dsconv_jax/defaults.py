@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ''
   # Where decoded datasets (image folders and tfds) are cached as uint8 arrays ('' = no cache).
   config.cache_dir = '~/.cache/dsconv_jax'
+  # JAX's persistent compilation cache: a rerun, a resume and each bench seed load the compiled
+  # epoch and evaluation from here ('' = off; JAX_COMPILATION_CACHE_DIR, when set, wins). Bounded
+  # (least recently used entries go first); deleting the folder clears it.
+  config.compilation_cache_dir = '~/.cache/dsconv_jax/compilation'
   # Resize every image to image_size x image_size (0 = keep the stored size, which must be uniform).
   config.image_size = 0
   # Use only the first N examples of the seeded shuffle of each split (0 = all). The subsets are

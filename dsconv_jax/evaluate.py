@@ -118,7 +118,13 @@ def report(run, result: dict[str, Any], pairs: int) -> str:
     lines[-1] += f' with test-time augmentation ({result["tta"]})'
   if result['own_test_split'] and recorded in run.summary:
     lines[-1] += f'; the run recorded {100 * run.summary[recorded]:.2f}%'
-  return '\n'.join(lines) + '\n\n' + confusion.markdown(result['matrix'], run.class_names, pairs)
+  tables = confusion.markdown(result['matrix'], run.class_names, pairs)
+  matrix = result['matrix']
+  confused = int(np.count_nonzero(matrix) - np.count_nonzero(np.diag(matrix)))
+  if confused > pairs:
+    tables += (f'\n(the {pairs} most confused of {confused} confused pairs; --pairs={confused} '
+               'lists them all)\n')
+  return '\n'.join(lines) + '\n\n' + tables
 
 
 class _ArgumentParser(argparse.ArgumentParser):

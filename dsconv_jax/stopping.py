@@ -9,6 +9,15 @@ checkpoint is saved) and raises `errors.Stopped`, which the command line reports
 SIGTERM ...; run the same command to resume" with exit status 128 + the signal number. A second
 signal ends the process at once (`os._exit`, as a kill would; runs survive kills).
 
+The signals are counted off the main thread. Python runs a handler only between the main
+thread's bytecodes, so while XLA compiles (seconds to minutes in one call) a second Ctrl-C would
+wait with the first. Python's own C-level handler, which runs at once in whatever thread the
+signal reaches, writes the signal's number to `signal.set_wakeup_fd`'s pipe; a watcher thread
+reads it there and acts within milliseconds. (Blocking the signals and `signal.sigwait` in a
+thread would do the same, but children inherit a blocked mask: a child process started by XLA
+or a data pipeline could then not be interrupted.) The Python-level handler stays, so that a
+signal is visible to the main thread's next `check` even before the watcher has run.
+
 Entry points call `defer_signals()` before any other import, so that start-up is covered too; the
 handlers then stay for the process. Used as a library, `train_and_evaluate` installs them for the
 duration of the run (`StopOnSignals` as a context) and restores the previous ones afterwards.
@@ -38,6 +47,10 @@ class StopOnSignals:
   def __init__(self):
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
+    self._received = 0  # Signals counted by the watcher thread.
+    self._watcher: threading.Thread | None = None
+    self._wakeup: tuple[int, int] | None = None  # The pipe's (read end, write end).
+    self._previous_wakeup = -1
 
   def __enter__(self) -> StopOnSignals:
     if _process_wide is not None and _process_wide is not self:
@@ -46,6 +59,7 @@ class StopOnSignals:
     if threading.current_thread() is threading.main_thread():
       for signum in SIGNALS:
         self._previous[signum] = signal.signal(signum, self._handle)
+      self._start_watcher()
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -54,6 +68,43 @@ class StopOnSignals:
     for signum, handler in self._previous.items():
       signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     self._previous.clear()
+    self._stop_watcher()
+
+  def _start_watcher(self) -> None:
+    read, write = os.pipe()
+    os.set_blocking(write, False)  # The C-level handler must never block.
+    try:
+      self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    except (ValueError, OSError):  # Not possible here: the Python-level handler does it all.
+      os.close(read)
+      os.close(write)
+      return
+    self._wakeup = (read, write)
+    self._watcher = threading.Thread(target=self._watch, args=(read,), daemon=True,
+                                     name='dsconv_jax-signals')
+    self._watcher.start()
+
+  def _stop_watcher(self) -> None:
+    if self._wakeup is None:
+      return
+    read, write = self._wakeup
+    signal.set_wakeup_fd(self._previous_wakeup)
+    os.close(write)  # The watcher reads the end of the pipe and returns.
+    self._watcher.join()
+    os.close(read)
+    self._wakeup = self._watcher = None
+
+  def _watch(self, read: int) -> None:
+    while True:
+      try:
+        data = os.read(read, 64)
+      except InterruptedError:
+        continue
+      if not data:
+        return
+      for signum in data:
+        if signum in SIGNALS:
+          self._count(signum)
 
   @property
   def requested(self) -> bool:
@@ -83,12 +134,24 @@ class StopOnSignals:
       raise self.stopped_before(epoch)
 
   def _handle(self, signum: int, frame) -> None:
+    """The Python-level handler (main thread, between bytecodes)."""
     del frame
+    if self._wakeup is not None:
+      # The watcher counts and reports; the main thread only sees the request at once.
+      if self.signum is None:
+        self.signum = signum
+      return
+    self._count(signum)
+
+  def _count(self, signum: int) -> None:
+    """One signal arrived: the first asks for a stop, the second ends the process."""
     name = signal.Signals(signum).name
-    if self.signum is not None:
+    self._received += 1
+    if self._received > 1:
       os.write(2, f'received {name} again: stopping now\n'.encode())
       os._exit(128 + signum)  # pylint: disable=protected-access
-    self.signum = signum
+    if self.signum is None:
+      self.signum = signum
     # os.write, not print: a handler may run while the main thread is inside a print. On a
     # terminal, the line first clears the transient progress line, so the notice stands alone.
     clear = '\r\x1b[K' if os.isatty(1) and os.isatty(2) else ''

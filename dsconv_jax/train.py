@@ -8,6 +8,7 @@ checkpoint), and writes summary.json, curves.png and confusion.png at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from dsconv_jax import analysis
 from dsconv_jax import budget
 from dsconv_jax import callbacks as callbacks_lib
 from dsconv_jax import checkpoint as checkpoint_lib
+from dsconv_jax import compile_cache
 from dsconv_jax import confusion as confusion_lib
 from dsconv_jax import experiment as experiment_lib
 from dsconv_jax import fileio
@@ -32,6 +34,7 @@ from dsconv_jax import models
 from dsconv_jax import reporting
 from dsconv_jax import steps
 from dsconv_jax import stopping
+from dsconv_jax import workdir_lock
 from dsconv_jax.errors import UserError
 
 # A hook that receives the default callbacks and returns the list the loop calls (tests add fault
@@ -39,7 +42,10 @@ from dsconv_jax.errors import UserError
 CallbacksHook = Callable[[list[callbacks_lib.Callback]], Sequence[callbacks_lib.Callback]]
 
 
-def _prepare_workdir(workdir: str) -> None:
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that this process can write there."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir!r} is a file, not a folder; choose another --workdir')
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write-test-{jax.process_index()}-{os.getpid()}')
@@ -93,11 +99,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
   prints no table either.
   """
   experiment_lib.validate_config(config)
+  cache_dir = compile_cache.configure(
+      config.get('compilation_cache_dir', compile_cache.DEFAULT_DIR))
+  cached_before = compile_cache.counts()
   is_writer = jax.process_index() == 0
   created = not os.path.exists(workdir)
-  with stopping.StopOnSignals() as stop:
+  with stopping.StopOnSignals() as stop, contextlib.ExitStack() as lock:
     try:
+      prepare_workdir(workdir)
+      if is_writer:  # Only process 0 writes the workdir, so only it holds the lock.
+        lock.enter_context(workdir_lock.hold(workdir))
+      finished = _finished_summary(workdir, config)
+      if finished is not None:
+        return finished
       run = _start(config, workdir, quiet, show_model, is_writer, stop)
+    except workdir_lock.WorkdirBusy:
+      raise  # The workdir is the other run's, however new.
     except BaseException:
       if created and is_writer:
         # A run that failed to start leaves no workdir behind (nothing in it was trained).
@@ -123,15 +140,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
       raise
     callbacks_lib.close_all(callbacks, None)
 
-  eval_state = exp.eval_state(state, history[-1]['epoch'])  # What validation evaluated.
-  summary = _summarize(exp, eval_state, history, compile_seconds)
-  if is_writer:
-    if exp.recalibrate is not None:
-      _write_eval_batch_stats(workdir, eval_state.batch_stats)
-    _write_summary(workdir, summary, history)
-    warning = near_chance_warning(exp, summary)
-    if warning:
-      print(warning, file=sys.stderr, flush=True)  # Beside the result it explains.
+    eval_state = exp.eval_state(state, history[-1]['epoch'])  # What validation evaluated.
+    summary = _summarize(exp, eval_state, history, compile_seconds)
+    # Programs this run loaded from the compilation cache, and compiled afresh.
+    summary['compilation_cache'] = {'dir': cache_dir, **{
+        k: v - cached_before[k] for k, v in compile_cache.counts().items()}}
+    if is_writer:
+      if exp.recalibrate is not None:
+        _write_eval_batch_stats(workdir, eval_state.batch_stats)
+      _write_summary(workdir, summary, history)
+      warning = near_chance_warning(exp, summary)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)  # Beside the result it explains.
+  return summary
+
+
+def _finished_summary(workdir: str, config) -> dict[str, Any] | None:
+  """A run that finished every epoch of this config: its summary.json, its result line printed.
+
+  Nothing is loaded, built or compiled for it. With several processes the full path is taken
+  (each process then agrees on it; only process 0 has the workdir's files).
+  """
+  if jax.process_count() > 1:
+    return None
+  summary = reporting.finished_summary(workdir, config)
+  if summary is not None:
+    epochs = summary['epochs']
+    print(f'the run in {workdir} finished its {epochs} epoch{"s" if epochs != 1 else ""} '
+          'earlier; not retrained (raise --config.num_epochs to train on)', flush=True)
+    _print_result(summary)
   return summary
 
 
@@ -139,7 +176,6 @@ def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
            stop: stopping.StopOnSignals):
   """Everything before the first epoch: the experiment, the restored state, the callbacks, the
   compiled epoch and the validation split on the devices. A signal stops it between phases."""
-  _prepare_workdir(workdir)
   data = experiment_lib.load_data(config)
   stop.check(None)  # The checkpoints are not read yet: a resumed run's epoch is not known.
   exp = experiment_lib.create_experiment(
@@ -164,10 +200,21 @@ def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
         checkpoints=checkpoints, is_writer=is_writer)
     val_arrays = exp.put_split(data.val)
     compiled_epoch, compile_seconds = exp.compile_epoch(state)
+    compile_seconds += _compile_evaluation(exp, state, val_arrays)
   except BaseException as e:
     callbacks_lib.close_all(callbacks, e)  # Joins Orbax's threads before the error goes up.
     raise
   return exp, state, start_epoch, history, callbacks, compiled_epoch, compile_seconds, val_arrays
+
+
+def _compile_evaluation(exp: experiment_lib.Experiment, state, val_arrays) -> float:
+  """Compiles the validation (and PreciseBN's recomputation) before epoch 1, so that epoch 1's
+  time is training; the calls after each epoch find them compiled. Returns the seconds taken."""
+  t0 = time.perf_counter()
+  exp.evaluate.lower(state, *val_arrays).compile()
+  if exp.recalibrate is not None:
+    exp.recalibrate.lower(state, exp.train_images, np.int32(1)).compile()
+  return time.perf_counter() - t0
 
 
 def _report_model(description: experiment_lib.ModelDescription, data: experiment_lib.Data,
@@ -392,8 +439,13 @@ def _write_summary(workdir: str, summary: dict[str, Any], history) -> None:
                                  os.path.join(workdir, 'confusion.png'))
     # summary.json last: it marks a finished run (bench and load_run look for it).
     fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
+  _print_result(summary)
+
+
+def _print_result(summary: dict[str, Any]) -> None:
   best = summary['max_val_accuracy']
-  on = '' if summary['val_split'] == 'test' else f', on the {summary["val_split"]}'
+  split = reporting.val_split_of(summary)
+  on = '' if split == 'test' else f', on the {split}'
   print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}{on}), test accuracy '
         f'{100 * summary["test_accuracy"]:.2f}%, {summary["train_seconds"]:.1f} s of training',
         flush=True)

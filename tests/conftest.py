@@ -45,9 +45,10 @@ def pytest_configure(config):
   cache of its own, inherited by the programs it starts, so that a program compiled once (the tiny
   config's epoch, a worker's step) is loaded afterwards, bitwise the same executable. Measured on
   the 2-core CPU machine (12-04, two workers, training stopped): 760 s for the suite against 979 s
-  with a cache only for the command-line runs of `cli_env`. One cache per process, not one for
-  all: JAX writes its entries without a lock or a rename, so processes racing on one key could read
-  a half-written entry. A cache the user set (JAX_COMPILATION_CACHE_DIR) is left alone."""
+  with a cache only for the command-line runs of `cli_env`. The cache is bounded, as
+  `dsconv_jax.compile_cache` bounds it for runs: JAX then locks the folder around each read and
+  write (unbounded, it writes entries in place without a lock), so this process and the programs
+  it starts share it safely. A cache the user set (JAX_COMPILATION_CACHE_DIR) is left alone."""
   del config
   if os.environ.get('JAX_COMPILATION_CACHE_DIR') and not os.environ.get(_OWN_CACHE):
     return
@@ -55,7 +56,8 @@ def pytest_configure(config):
   path = tempfile.mkdtemp(prefix=f'dsconv-jax-cache-{worker}-')
   os.environ.update({_OWN_CACHE: path, 'JAX_COMPILATION_CACHE_DIR': path,
                      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-                     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'})
+                     'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+                     'JAX_COMPILATION_CACHE_MAX_SIZE': str(2 * 1024 ** 3)})
 
 
 def pytest_unconfigure(config):

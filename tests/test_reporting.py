@@ -70,3 +70,22 @@ def test_atomic_files_follow_the_umask_and_leave_no_temporary(tmp_path):
     os.umask(old)
   assert os.stat(path).st_mode & 0o777 == 0o644  # Not mkstemp's 0600: teammates can read it.
   assert os.listdir(tmp_path) == ['summary.json']
+
+
+def test_versions_name_what_can_change_a_number_and_the_lock(tmp_path):
+  import hashlib
+  import importlib.metadata
+  versions = reporting.versions()
+  for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'pillow',
+              'ml-collections'):
+    assert versions[pkg] == importlib.metadata.version(pkg)
+  with open(reporting.LOCK_PATH, 'rb') as f:
+    assert versions['lock'] == hashlib.sha256(f.read()).hexdigest()[:16]
+  assert isinstance(versions['differs_from_lock'], dict)
+  # An installed distribution at a version the lock does not hold is named; others are not.
+  lock = tmp_path / 'uv.lock'
+  lock.write_text('version = 1\n\n[[package]]\nname = "numpy"\nversion = "0.0.1"\n\n'
+                  f'[[package]]\nname = "Pillow"\nversion = "{importlib.metadata.version("pillow")}"\n')
+  differs = reporting.lock_differences(str(lock))['differs_from_lock']
+  assert differs == {'numpy': f'installed {importlib.metadata.version("numpy")}, locked 0.0.1'}
+  assert reporting.lock_differences(str(tmp_path / 'none.lock')) == {}

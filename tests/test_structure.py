@@ -68,3 +68,13 @@ def test_library_modules_do_not_import_entry_points():
   for module, targets in graph.items():
     if module not in entry_points:
       assert not targets & entry_points, (module, targets & entry_points)
+
+
+def test_the_package_imports_no_private_jax_module():
+  """jax._src changes without notice between releases; the package uses JAX's public API."""
+  import re
+  for name in sorted(os.listdir(PACKAGE)):
+    if name.endswith('.py'):
+      with open(os.path.join(PACKAGE, name)) as f:
+        text = f.read()
+      assert not re.search(r'^\s*(from jax\._src\b|import jax\._src\b)', text, re.M), name

@@ -87,15 +87,26 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, image_folder):
     assert summary[key] == expected[key]
 
 
-def test_finished_run_is_not_retrained(tmp_path, image_folder, capsys):
+def test_finished_run_is_not_retrained(tmp_path, image_folder, capsys, monkeypatch):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config_for(image_folder, num_epochs=1), workdir)
+  first = train.train_and_evaluate(config_for(image_folder, num_epochs=1), workdir)
   capsys.readouterr()
+
+  def not_loaded(config):
+    raise AssertionError('a finished run loads no data (nor builds or compiles anything)')
+
+  # Its result comes from summary.json: nothing is loaded, built or compiled.
+  monkeypatch.setattr(train.experiment_lib, 'load_data', not_loaded)
   summary = train.train_and_evaluate(config_for(image_folder, num_epochs=1), workdir)
   out = capsys.readouterr().out
-  assert 'resuming from the checkpoint of epoch 1' in out and 'epoch   1/1' not in out
+  assert f'the run in {workdir} finished its 1 epoch earlier; not retrained' in out
+  assert f'test accuracy {100 * first["test_accuracy"]:.2f}%' in out and 'epoch   1/1' not in out
   assert 'Total params' not in out  # No model table for a run that has nothing left to train.
-  assert summary['epochs'] == 1
+  assert summary['epochs'] == 1 and summary['test_accuracy'] == first['test_accuracy']
+  # More epochs: the run goes on from its checkpoint.
+  monkeypatch.undo()
+  train.train_and_evaluate(config_for(image_folder, num_epochs=2), workdir)
+  assert 'resuming from the checkpoint of epoch 1' in capsys.readouterr().out
 
 
 def test_resuming_a_different_model_is_refused(tmp_path, image_folder):

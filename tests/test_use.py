@@ -362,3 +362,24 @@ def test_import_is_cheap_and_names_are_lazy(cli_env):
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=cli_env)
   assert out.returncode == 0 and out.stdout == 'ok\n', out.stderr
+
+
+def test_reading_a_run_takes_no_lock(trained, capsys):
+  """predict, evaluate and load_run read a workdir that a run holds (`workdir_lock`)."""
+  from dsconv_jax import workdir_lock
+  workdir, folder, _ = trained
+  with workdir_lock.hold(workdir):  # flock: a second hold in this process would be refused.
+    assert inference.load_run(workdir).class_names == CLASSES
+    code, _, err = call_main(evaluate.main, [f'--workdir={workdir}'], capsys)
+    assert code == 0, err
+    code, _, err = call_main(predict.main, ['--workdir', workdir, os.path.join(folder, 'test')],
+                             capsys)
+    assert code == 0, err
+
+
+def test_evaluate_says_when_it_shortens_the_most_confused_pairs(run):
+  result = evaluate.evaluate(run)
+  result['matrix'] = np.array([[4, 1, 1], [2, 4, 1], [1, 3, 4]])  # Six confused pairs.
+  note = '(the 5 most confused of 6 confused pairs; --pairs=6 lists them all)'
+  assert note in evaluate.report(run, result, 5)
+  assert 'most confused of' not in evaluate.report(run, result, 6)
