@@ -226,9 +226,11 @@ def main(argv=None) -> int:
         if fastest:
           form = [f'--config.depthwise_impl={fastest}']
           result['bench_depthwise_impl'] = fastest
+      # The config's holdout (5,000 images) is larger than the smoke run's 72 training images.
+      smoke_holdout = ['--config.holdout=6'] if args.smoke else []
       _run('bench_dsresnet', ['dsconv_jax.bench', '--config=configs/dsresnet.py',
                               f'--seeds={seeds}', f'--workdir={bench_dir}', *dataset, *short,
-                              *args.overrides, *form],
+                              *smoke_holdout, *args.overrides, *form],
            log, steps, timeout)
       if not _copy(os.path.join(bench_dir, 'bench.json'), os.path.join(out, 'bench.json')):
         result['bench_seeds_finished'] = _finished_seeds(bench_dir)  # Stopped before the end.

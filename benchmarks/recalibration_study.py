@@ -73,10 +73,11 @@ def study(workdir: str, specs: list[str], batches: int = 0, dataset: str = '') -
                  'test_accuracy_tta_flip': accuracy(exp.evaluate_tta_flip, evaluated)})
   reproduced = None
   if 'train' in specs and batches == run_batches:
-    # The run's last validation was the whole test split unless it validated on a subset.
+    # The run's last validation was the whole test split unless it validated on a subset or on
+    # a holdout.
     row = next(r for r in rows if r.get('bn_recalibrate_augment') == 'train')
     last = fileio.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))[-1:]
-    same_loss = (not last or config.eval_examples
+    same_loss = (not last or config.eval_examples or config.get('holdout', 0)
                  or bool(np.isclose(row['test_loss'], last[0]['val_loss'], rtol=1e-5)))
     reproduced = bool(np.isclose(row['test_accuracy'], summary['test_accuracy'], atol=1e-6)
                       and same_loss)
