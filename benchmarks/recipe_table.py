@@ -12,9 +12,9 @@ accuracy (epoch), the final test accuracy, the flip and multi-crop test-time-aug
 accuracies when the run reports them, the final training accuracy (metrics.jsonl, augmented
 batches), training seconds, and the final validation and test accuracies' differences to the
 baseline's in points (the validation difference only between runs on the same split: choices
-are made on it, never on the test figures). A run that reports no multi-crop accuracy gets the one `--multicrop
-DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR --tta_flip
---tta_translate=1`), marked with an asterisk.
+are made on it, never on the test figures). A run that reports no multi-crop accuracy gets the
+one `--multicrop DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR
+--tta_flip --tta_translate=1`), marked with an asterisk.
 """
 
 from __future__ import annotations

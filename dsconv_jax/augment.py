@@ -47,7 +47,7 @@ class Strengths:
   crop_padding_mode: str = 'reflect'  # config.crop_padding_mode
   rotate_degrees: float = 15.0  # config.rotate_degrees: angles uniform in +-this.
   sharpen_factor: float = 2.2  # config.sharpen_factor: factors uniform in [1, this].
-  # config.color_jitter: (brightness, contrast, saturation, hue), as kornia's ColorJiggle takes them.
+  # config.color_jitter: (brightness, contrast, saturation, hue), kornia's ColorJiggle's.
   color_jitter: tuple[float, float, float, float] = (0.1, 0.1, 0.5, 0.05)
 
 

@@ -34,8 +34,9 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], flo
   'inverse_time' is source 000's `LearningRateScheduler(lambda epoch, lr: lr0 / (1 + decay *
   epoch))` with Keras' 0-based epoch: lr(1) = lr0, lr(2) = lr0 / (1 + decay), ... and, like the
   other per-epoch kind 'constant', holds within an epoch. The per-step kinds ('cosine',
-  'onecycle', 'cosine_onecycle', see `create_schedule`) change every step; lr(epoch) then reports their value at the
-  epoch's first step, which is what metrics.jsonl's `learning_rate` shows.
+  'onecycle', 'cosine_onecycle', see `create_schedule`) change every step; lr(epoch) then
+  reports their value at the epoch's first step, which is what metrics.jsonl's `learning_rate`
+  shows.
   """
   lr0 = float(config.learning_rate)
   kind = config.lr_schedule

@@ -153,9 +153,12 @@ def test_pixel_ops_run_on_the_pixels_behind_the_normalisation():
   off = augment.Strengths(sharpen_factor=1.0, color_jitter=(0, 0, 0, 0))
   np.testing.assert_allclose(augment.apply(('sharpen', 'jitter'), x, jax.random.key(0), off,
                                            mean, std), x, atol=1e-5)
-  y = augment.apply(('jitter',), x, jax.random.key(0), augment.Strengths(), mean, std)
+  brightness = augment.Strengths(color_jitter=(0.1, 0, 0, 0))
+  y = augment.apply(('jitter',), x, jax.random.key(0), brightness, mean, std)
   back = np.asarray(y * std + mean) / 255
   assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5  # Clipped to [0, 1] as pixels.
+  # A brightness shift of at most 0.1 of the pixel range, whatever the normalisation.
+  assert np.abs(back - np.asarray(pixels())).max() <= 0.1 + 1e-5
   with pytest.raises(ValueError, match='normalisation'):
     augment.apply(('sharpen',), x, jax.random.key(0))
 
