@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsconv_jax.fast_grads import pointwise_conv, shifted_taps, shifted_taps_strided, tiled_max_pool
+from dsconv_jax.fast_grads import pointwise_conv, shifted_depthwise, tiled_max_pool
 
 glorot_uniform = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros
@@ -135,19 +135,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding='
         rhs_dilation=dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=c)
   # Shifted multiply-adds: the same sums, as kh*kw strided slices of the padded input.
-  sh, sw = strides
-  dh, dw = dilation
   if padding == 'SAME':
-    ph, pw = _same_padding(x.shape[1], kh, sh, dh), _same_padding(x.shape[2], kw, sw, dw)
-    x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-  out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-  if m > 1:
-    x = jnp.repeat(x, m, axis=-1)
-  k = kernel.reshape(kh, kw, c * m).astype(x.dtype)
-  if strides == (1, 1):
-    return shifted_taps(x, k, (dh, dw))
-  return shifted_taps_strided(x, k, (sh, sw), (dh, dw), (out_h, out_w))
+    pads = (_same_padding(x.shape[1], kh, strides[0], dilation[0]),
+            _same_padding(x.shape[2], kw, strides[1], dilation[1]))
+  else:
+    pads = ((0, 0), (0, 0))
+  return shifted_depthwise(x, kernel.reshape(kh, kw, c * m), strides, pads, dilation)
 
 
 class DepthwiseConv2D(Layer):
