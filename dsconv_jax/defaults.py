@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The augmentation of those batches: 'train' (config.augment's, as training saw the images),
   # or a list like config.augment's ('none' = the images as evaluation sees them).
   config.bn_recalibrate_augment = 'train'
-  # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
+  # Depthwise convolution form of every model, however written (dsconv_jax/fast_forms.py):
+  # 'auto' (shifted on CPU; elsewhere the form timed faster on the model's own depthwise
+  # convolutions when the run starts), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm
   # statistics, gradients and the loss stay float32). bfloat16 halves activation memory traffic on

@@ -193,7 +193,7 @@ class Experiment:
   evaluate_tta_multicrop: Callable | None = None
   # jitted (state, images, epoch) -> state with recalibrated BatchNorm statistics, or None.
   recalibrate: Callable | None = None
-  # The fast forms every step of the run computes in (`accelerate_model`), and the depthwise
+  # The fast forms every step of the run computes in (`accelerate_state`), and the depthwise
   # timings an 'auto' choice was made by (None when nothing was timed).
   forms: fast_forms.Forms | None = None
   depthwise_seconds: dict[str, float] | None = None
@@ -231,8 +231,8 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
                  out_shardings=NamedSharding(mesh, P()))(jax.random.fold_in(seed_key, steps.INIT))
 
 
-def accelerate_model(config: ml_collections.ConfigDict, model: nn.Module,
-                     state: steps.TrainState, image_shape, batch_size: int
+def accelerate_state(config: ml_collections.ConfigDict, state: steps.TrainState, image_shape,
+                     batch_size: int
                      ) -> tuple[steps.TrainState, fast_forms.Forms, dict[str, float] | None]:
   """`state` whose `apply_fn` computes in the fast forms (`dsconv_jax.fast_forms.accelerate`),
   the forms, and the timings behind an 'auto' depthwise choice (taken on accelerators only, on
@@ -241,16 +241,18 @@ def accelerate_model(config: ml_collections.ConfigDict, model: nn.Module,
   The one place where every model, however it is written, gets the fast forms: every train,
   evaluation and recalibration step calls `state.apply_fn`.
   """
+  apply_fn = state.apply_fn
+
   def trace():
     x = jax.ShapeDtypeStruct((batch_size, *image_shape), config.get('compute_dtype', 'float32'))
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return jax.make_jaxpr(lambda v, x: model.apply(
+    return jax.make_jaxpr(lambda v, x: apply_fn(
         v, x, train=True, rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats']))(
             variables, x)
 
   forms, seconds = fast_forms.resolve_forms(config.get('depthwise_impl', 'auto'),
                                             config.get('dropout_impl', 'hash'), trace)
-  return state.replace(apply_fn=fast_forms.accelerate(model.apply, forms)), forms, seconds
+  return state.replace(apply_fn=fast_forms.accelerate(apply_fn, forms)), forms, seconds
 
 
 def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array,
@@ -286,8 +288,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
 
   # The data lives on the devices, rows split over the mesh; each process transfers its part.
   n_dev = mesh.size
-  state, forms, depthwise_seconds = accelerate_model(config, description.model, state,
-                                                     data.image_shape, config.batch_size // n_dev)
+  state, forms, depthwise_seconds = accelerate_state(config, state, data.image_shape,
+                                                     config.batch_size // n_dev)
   mean_d = steps.put_replicated(mesh, np.asarray(mean, np.float32))
   std_d = steps.put_replicated(mesh, np.asarray(std, np.float32))
   train_epoch = steps.make_train_epoch(

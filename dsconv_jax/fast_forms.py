@@ -30,8 +30,10 @@ so the forward body as written is what that rule belongs to.
 `resolve_forms` turns the config's choices into `Forms`: depthwise 'auto' is 'shifted' on the CPU
 (about 80x faster than grouped in Model 3's compiled CPU epoch, results/throughput-cpu-forms) and,
 on an accelerator, whichever of the two forms `measure_depthwise` times faster on the model's own
-depthwise convolutions (forward and backward, compiled), since XLA's grouped-convolution backward
-pass on NVIDIA GPUs is slow for some shapes and not others.
+depthwise convolutions (forward and backward, compiled): which one wins there depends on the
+device and the shapes (XLA's grouped-convolution backward pass is slow on NVIDIA GPUs,
+jax-ml/jax#13800; the shifted form trained DS-ResNet 1.26x faster on an H200,
+results/gpu-h200-dsresnet-bench).
 """
 
 from __future__ import annotations

@@ -18,14 +18,16 @@ Depthwise convolution has two numerically equivalent implementations (`Options.d
 kh*kw shifted, scaled copies of the input (at stride 1 with a hand-written gradient). Inside
 Model 3's compiled CPU epoch the shifted form trains about 80x faster than the grouped one
 (results/throughput-cpu-forms), while the grouped form keeps one fused convolution on
-accelerators. 'auto' picks 'shifted' on CPU and 'grouped' elsewhere; on an H200 the shifted form
-trained DS-ResNet 1.26x faster than grouped (results/gpu-h200-dsresnet-bench), Model 3's forms
-there are still to be timed.
+accelerators. Here 'auto' emits 'shifted' on CPU and 'grouped' elsewhere; training then puts
+every model's depthwise convolutions, these layers' included, in the form timed faster on an
+accelerator (`dsconv_jax.fast_forms`: on an H200 the shifted form trained DS-ResNet 1.26x faster
+than grouped, results/gpu-h200-dsresnet-bench).
 
 Pointwise convolution, tiled max pooling and the stride-1 shifted depthwise form use the
 hand-written gradients of `dsconv_jax.fast_grads` (for speed on XLA's CPU backend), and dropout
 draws its masks from a counter hash (`Options.dropout`); each is measured against the plain form in
-BENCHMARKS.md. BatchNorm averages its statistics over `Options.batch_norm_axis` when set (only
+BENCHMARKS.md; `dsconv_jax.fast_forms` gives the same forms to models written without these layers
+(plain Flax). BatchNorm averages its statistics over `Options.batch_norm_axis` when set (only
 needed under `jax.pmap`).
 """
 

@@ -31,6 +31,14 @@ def fresh_state(dropout, batch_norm_axis=None, fast=False):
   return state
 
 
+def grouped_convs(state):
+  """How many grouped (depthwise) convolutions the state's apply_fn computes."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  return len(fast_forms.depthwise_convs(
+      jax.make_jaxpr(lambda v: state.apply_fn(v, x))(variables)))
+
+
 def max_diff(a, b):
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -89,6 +97,9 @@ def main():
                      'replicas_agree': max_diff(jax.tree.map(lambda a: a[0], state.params),
                                                 jax.tree.map(lambda a: a[3], state.params))}
     out[f'losses_dropout{dropout}'] = losses_1
+
+  out['grouped_convs'] = {'plain': grouped_convs(fresh_state(0.0)),
+                          'fast_forms': grouped_convs(fresh_state(0.0, fast=True))}
 
   config = get_testing_config()
   config.batch_size = 6

@@ -45,6 +45,7 @@ def test_pmap_and_sharded_jit_match_one_device():
     assert result[form]['param_diff'] < 1e-5, (form, result[form])
   assert result['pmap']['replicas_agree'] == 0.0
   assert result['pmap_fast_forms']['replicas_agree'] == 0.0
+  assert result['grouped_convs'] == {'plain': 2, 'fast_forms': 0}  # The rewrite did apply.
   # The runs really trained (losses move) and dropout changed them.
   assert result['losses_dropout0.0'][0] != result['losses_dropout0.0'][-1]
   assert result['losses_dropout0.0'] != result['losses_dropout0.3']
