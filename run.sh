@@ -2,6 +2,7 @@
 # Sets up .venv when needed, then trains the default model or runs the tests.
 #   ./run.sh [--config.KEY=VALUE ...]   train configs/model3.py on CIFAR-10 into runs/model3
 #   ./run.sh test [PYTEST ARGS ...]     run the test suite
+#   ./run.sh docs                       build the documentation into docs/_build/html
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,6 +34,9 @@ setup() {
 }
 
 setup
+if [ "${1:-}" = "docs" ]; then  # The test extra includes the docs extra's tooling.
+  exec "$VENV/bin/python" -m sphinx -W --keep-going -b html docs docs/_build/html
+fi
 if [ "${1:-}" = "test" ]; then
   shift
   # Test files spread over up to 4 pytest-xdist workers (one per core), each file on one worker so

@@ -1,4 +1,4 @@
-"""Every accelerator measurement the open issues ask for, in one call (benchmarks/accelerator.sh).
+"""The project's accelerator measurements, in one call (benchmarks/accelerator.sh).
 
     bash benchmarks/accelerator.sh --data=.data/cifar10-jpeg [--out=$OUT]   # on the GPU machine
     bash benchmarks/accelerator.sh --smoke --out=/tmp/acc                   # anywhere, ~2 minutes
@@ -22,25 +22,24 @@ In order, each timed (wall seconds, start-up and compilation included):
 then accelerator.json: the device, versions, each step's command, wall seconds and exit status, and
 the headline figures, rewritten after every step, so that a call cut off at its time limit still
 brings back what its finished steps measured. Everything goes to --out (at most 8 files, no
-deeper folders: what the device tool brings back); the runs' workdirs (checkpoints) stay in
---workdir.
+deeper folders, so that a remote machine's output folder brings all of it back); the runs'
+workdirs (checkpoints) stay in --workdir.
 
-A device call is limited (10 minutes a command, 15 minutes of device time a session, start-up
-included): `--only=throughput,model3` and `--only=bench --seeds=0,1` split the work over calls,
-and `--step_timeout=S` stops any one step after S seconds (exit status 124 in accelerator.json)
-and goes on with the next.
+`--only=throughput,model3` and `--only=bench --seeds=0,1` split the work over several calls
+where a machine limits a call's time, and `--step_timeout=S` stops any one step after S seconds
+(exit status 124 in accelerator.json) and goes on with the next.
 
 Config overrides after `--` (`--config.KEY=VALUE` only) go to the bench step, so that one call
-measures a candidate recipe over 5 seeds against `configs/dsresnet.py` unchanged (issue 16's
-single-seed CPU runs cannot separate them): each set of overrides trains in its own workdir
+measures a candidate recipe over 5 seeds against `configs/dsresnet.py` unchanged (single-seed
+CPU runs cannot separate them): each set of overrides trains in its own workdir
 (bench-dsresnet-<hash of the overrides>), and accelerator.json records them.
 
-TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`). The device machine
-lacks ml-collections and tensorboardX: benchmarks/device_prep.sh (run where pip works) puts their
-wheels in .whl/ and the dataset in .data/, accelerator.sh installs the wheels when needed, and a
-module still missing stops the call before any step (exit 1). `--smoke` runs the same
-commands with a few steps, 1 epoch, one throughput variant, a generated 3-class image folder and
-one seed, so that the script is known to work before a GPU is ever seen
+TensorFlow is never needed: the data is a folder dataset (`folder:ROOT`). A GPU machine whose
+image lacks ml-collections and tensorboardX gets them from benchmarks/device_prep.sh (run where
+pip works), which puts their wheels in .whl/ and the dataset in .data/; accelerator.sh installs
+the wheels when needed, and a module still missing stops the call before any step (exit 1).
+`--smoke` runs the same commands with a few steps, 1 epoch, one throughput variant, a generated
+3-class image folder and one seed, so that the script is known to work before a GPU is ever seen
 (tests/test_accelerator.py).
 """
 

@@ -8,7 +8,7 @@ replaced, while it is traced, by the plain autodiff form they replaced:
 * `pointwise_einsum`: `pointwise_conv` as a bare einsum (autodiff gradient);
 * `pool_select_and_scatter`: `tiled_max_pool` as `nn.max_pool` (select-and-scatter gradient);
 * `taps_autodiff`: the stride-1 shifted depthwise form with autodiff instead of its own gradient;
-* `all_before`: all three, with Threefry dropout masks: the step as it was before issue 3.
+* `all_before`: all three, with Threefry dropout masks: the step with none of the fast paths.
 
 Prints one JSON object: images per second (best chunk, chunks taken in turn) per runner.
 """

@@ -4,20 +4,20 @@
 # absl, numpy, pillow, protobuf, PyYAML, torch; no TensorFlow) lacks two pure-Python dependencies,
 # ml-collections and tensorboardX, and the CIFAR-10 image folder.
 #
-#   bash benchmarks/device_prep.sh [DATASET_ROOT]   # default ../shared/datasets/cifar10-jpeg
+#   bash benchmarks/device_prep.sh DATASET_ROOT   # e.g. ~/data/cifar10-jpeg
 #
 # Fills .whl/ with those two wheels (the versions installed here, so the device runs what the
 # tests ran) and packs the dataset into .data/cifar10-jpeg.tgz (both ignored by git), checks that
 # what a call carries fits its 64 MiB, and prints the device calls. accelerator.sh installs
 # .whl/*.whl into a temporary folder on PYTHONPATH when a module it needs is missing.
 #
-# One archive, not the folder: the device tool refused the 60,000-file folder (56 MiB of bytes) as
-# "larger than 64 MiB" on 2026-12-04, and took the gzipped tar (19.8 MB: the JPEGs' identical
-# headers compress) in the same session; the call unpacks it with tar first.
+# One archive, not the folder: a call carries a 60,000-file folder badly (56 MiB of bytes, counted
+# over the 64 MiB limit), and the gzipped tar (19.8 MB: the JPEGs' identical headers compress)
+# well; the call unpacks it with tar first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-src=${1:-../shared/datasets/cifar10-jpeg}
+src=${1:?usage: bash benchmarks/device_prep.sh DATASET_ROOT}
 [ -d "$src/train" ] && [ -d "$src/test" ] || {
   echo "error: $src is not an image-folder dataset (no train/ and test/ in it)" >&2; exit 1; }
 

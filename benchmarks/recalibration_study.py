@@ -1,5 +1,5 @@
 """Which images should PreciseBN's statistics come from? A finished run's final weights, evaluated
-with BatchNorm statistics recomputed over training batches augmented in several ways (issue 16).
+with BatchNorm statistics recomputed over training batches augmented in several ways.
 
     python benchmarks/recalibration_study.py --workdir=DIR [--augment='train;none;flip;crop,flip']
         [--batches=N] [--dataset=folder:ROOT] [--json=PATH] > table.md

@@ -1,13 +1,18 @@
-"""The recipe table of issue 16: finished runs side by side with their difference to a baseline.
+"""The recipe table: finished runs side by side with their difference to a baseline.
 
-    python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] [--labels=a,b,...] > table.md
+    python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] > table.md
 
 For each run: what it changes against the baseline's config (keys whose values differ, read from
-summary.json), parameters, multiply-accumulates per image (summary.json's `macs_per_image`, or
-for runs recorded before it, counted from the run's config), max validation accuracy (epoch), final test accuracy, the flip and
-multi-crop test-time-augmented accuracies when the run reports them, the final training accuracy
-(metrics.jsonl, augmented batches), training seconds, and the test accuracy's difference to the
-baseline's in points. A run that reports no multi-crop accuracy gets the one `--multicrop
+summary.json), the split it validated on (summary.json's `val_split`: 'holdout:N', N training
+images never trained on, or 'test' for runs that validated on the test split, as every run from
+before the holdout did), parameters, multiply-accumulates per image (summary.json's
+`macs_per_image`, or for runs recorded before it, counted from the run's config), the final
+validation accuracy (the last epoch's: what a choice on the holdout reads), the max validation
+accuracy (epoch), the final test accuracy, the flip and multi-crop test-time-augmented
+accuracies when the run reports them, the final training accuracy (metrics.jsonl, augmented
+batches), training seconds, and the final validation and test accuracies' differences to the
+baseline's in points (the validation difference only between runs on the same split: choices
+are made on it, never on the test figures). A run that reports no multi-crop accuracy gets the one `--multicrop
 DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR --tta_flip
 --tta_translate=1`), marked with an asterisk.
 """
@@ -82,23 +87,30 @@ def main(argv=None) -> None:
   parser.add_argument('--multicrop', action='append', default=[], metavar='DIR=ACC')
   args = parser.parse_args(argv)
   extra = {os.path.normpath(k): float(v) for k, v in (m.split('=', 1) for m in args.multicrop)}
-  base_summary, _ = load(args.baseline)
-  print('| run | change against the baseline | params | MACs | max val (epoch) | test | flip TTA | '
-        'multi-crop TTA | train acc | seconds | test - baseline |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  base_summary, base_rows = load(args.baseline)
+  base_split = base_summary.get('val_split', 'test')
+  print('| run | change against the baseline | val split | params | MACs | final val | '
+        'max val (epoch) | test | flip TTA | multi-crop TTA | train acc | seconds | '
+        'val - baseline | test - baseline |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   for directory in [args.baseline, *args.dirs]:
     summary, rows = load(directory)
+    split = summary.get('val_split', 'test')
     multicrop = summary.get('test_accuracy_tta_multicrop')
     mark = ''
     if multicrop is None and os.path.normpath(directory) in extra:
       multicrop, mark = extra[os.path.normpath(directory)], '*'
+    val_delta = (f'{100 * (rows[-1]["val_accuracy"] - base_rows[-1]["val_accuracy"]):+.2f}'
+                 if split == base_split else '(other split)')
     delta = 100 * (summary['test_accuracy'] - base_summary['test_accuracy'])
     print(f'| `{os.path.basename(os.path.normpath(directory))}` | '
-          f'{changes(summary["config"], base_summary["config"])} | {summary["params_total"]:,} | '
-          f'{macs(summary) / 1e6:.1f}M | {pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
+          f'{changes(summary["config"], base_summary["config"])} | {split} | '
+          f'{summary["params_total"]:,} | {macs(summary) / 1e6:.1f}M | '
+          f'{pct(rows[-1]["val_accuracy"])} | '
+          f'{pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
           f'{pct(summary["test_accuracy"])} | {pct(summary.get("test_accuracy_tta_flip"))} | '
           f'{pct(multicrop)}{mark} | {pct(rows[-1]["train_accuracy"])} | '
-          f'{summary["train_seconds"]:,.0f} | {delta:+.2f} |')
+          f'{summary["train_seconds"]:,.0f} | {val_delta} | {delta:+.2f} |')
 
 
 if __name__ == '__main__':

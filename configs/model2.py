@@ -3,7 +3,7 @@
     python -m dsconv_jax.main --config=configs/model2.py --workdir=runs/model2
 
 35,387 parameters. The source does not give Model 2's learning rate or decay; this config assumes
-the course's usual lr = 0.003 / (1 + 0.319 * (epoch - 1)) (product.md). Batch 128, x / 255.
+the course's usual lr = 0.003 / (1 + 0.319 * (epoch - 1)). Batch 128, x / 255.
 
 Source reported: max val acc 80.23%, test 80.23%, 1104 s.
 """

@@ -16,17 +16,24 @@ depthwise convolutions), with nothing typed in by hand. For each array we keep, 
 (`lo`, `hi`) and the jump (input pixels between neighbouring pixels); the receptive field is
 `hi - lo + 1`. Every primitive that meets an array with height and width axes must be one the walk
 knows (elementwise, reductions, convolutions, pooling, slicing, padding, reshapes that keep or
-flatten the map, transposes and concatenations that keep them in place, ...): any other one, and any
-known one used in a way whose field no single window per axis describes (a gather or a flip along
-height or width, a transpose that swaps them, a concatenation along one, a value pooled over the
-map spread back over it), stops the analysis with a `UserError` naming the primitive and its layer,
-never a wrong number. Once height and width are pooled or flattened away, a value sees the union of
-what its inputs saw.
+flatten the map, transposes and concatenations that keep them in place, ...). Once height and
+width are pooled or flattened away, a value sees the union of what its inputs saw. Where such a
+pooled value is mixed back into the map (squeeze-and-excitation's gate, the statistics of a norm
+over the map, attention), every pixel from there on sees the whole image: its rows say so
+(`sees_whole_image`, RF "image") and the report lists where (`global_context`).
+
+An analysis that reports never blocks: any other primitive, and any known one used in a way whose
+field no single window per axis describes (a gather or a flip along height or width, a transpose
+that swaps them, a concatenation along one), is listed in `ModelReport.unknown` with its layer and
+reason, and the rows it reaches report no receptive field (never a wrong number). Nothing else
+stops: parameters, MACs and the constraints are computed on everything that is known.
 
 The same walk checks the design constraints of the source studies on the real operations: a k x k
 convolution (k > 1) across channels, a dense layer (a matrix product on features with no spatial
-extent left: after global pooling or a flatten, or a 1x1 convolution on a 1x1 map) and the absence
-of BatchNorm are violations when the config forbids them. Each names its row as the table does.
+extent left: after global pooling or a flatten, or a 1x1 convolution on a 1x1 map; not one whose
+result is mixed back into the map, as squeeze-and-excitation's gate is) and the absence of
+BatchNorm (a normalisation by stored moving statistics, found by what it computes) are violations
+when the config forbids them. Each names its row as the table does.
 
 It also counts the multiply-accumulates (MACs) of one image, per layer and in total. Counted are
 the operations that multiply data by weights: convolutions (output elements x kh*kw*Cin/groups),
@@ -37,8 +44,13 @@ counted (Model 3's BatchNorm layers, folded into one multiply-add per element, w
 1.9%). The operations of a layer are those traced between its call and its return (markers around
 each top-level layer call); an operation outside every layer counts only in the total.
 
-Finally, `receptive_field_advice` compares the receptive field of the output with the image; see
-its docstring for the thresholds.
+`receptive_field_advice` compares the receptive field of the output with the image; see its
+docstring for the thresholds.
+
+Finally, `parameter_structure` traces a model once more to say which parameters are convolution
+kernels (with their groups, channels and layout) and which are a normalisation's shift, by what
+the computation does with them, never by their names: Dirac initialisation, the BatchNorm-bias
+learning rate and export's grouped-convolution check rely on it.
 """
 
 from __future__ import annotations
@@ -46,15 +58,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dsconv_jax import layers as layers_lib
+from dsconv_jax import nnx_adapter
 from dsconv_jax.errors import UserError
 
 _MARKER_PREFIX = '_dsconv_layer_'
@@ -64,7 +79,10 @@ _BEGIN_PREFIX = '_dsconv_begin_'
 RF_OVERSHOOT_FACTOR = 4
 # Plain Flax layers that get a row of their own, with the type the project's layer would have
 # (`nn.Conv` is typed by `_conv_type`).
-_FLAX_ROWS = ((nn.BatchNorm, 'BatchNorm'), (nn.Dropout, 'Dropout'), (nn.Dense, 'Dense'))
+_FLAX_ROWS = ((nn.BatchNorm, 'BatchNorm'), (nn.Dropout, 'Dropout'), (nn.Dense, 'Dense'),
+              (nn.GroupNorm, 'GroupNorm'), (nn.LayerNorm, 'LayerNorm'),
+              (nnx.BatchNorm, 'BatchNorm'), (nnx.Dropout, 'Dropout'), (nnx.Linear, 'Dense'),
+              (nnx.GroupNorm, 'GroupNorm'), (nnx.LayerNorm, 'LayerNorm'))
 
 # Primitives the walk enters and follows inside (called once, with these operands).
 _CALLS = frozenset({'jit', 'closed_call', 'custom_jvp_call', 'custom_vjp_call', 'remat2'})
@@ -95,10 +113,14 @@ class LayerReport:
   output_shape: list[int]
   params: int
   params_trainable: int
-  receptive_field: int | list[int]
-  jump: int | list[int]
+  # None where the walk could not follow the map (`ModelReport.unknown` says where and why).
+  receptive_field: int | list[int] | None
+  jump: int | list[int] | None
   macs: int = 0  # Multiply-accumulates per image (see the module docstring).
   activation_bytes: int = 0  # Size of the layer's output per image.
+  # Every pixel of the output sees the whole image (global context was mixed in at or before this
+  # layer); `receptive_field` is then the image's size.
+  sees_whole_image: bool = False
 
 
 @dataclasses.dataclass
@@ -119,6 +141,12 @@ class ModelReport:
   receptive_field_layer: str | None = None
   receptive_field_status: str = 'none'
   receptive_field_verdict: str = ''
+  # Where a value pooled over the map is mixed back into it ('mul in Block_0/SE_0'): every pixel
+  # sees the whole image from there on.
+  global_context: list[str] = dataclasses.field(default_factory=list)
+  # What the analysis could not decide, each with its place and reason; the constraints are
+  # checked on everything else, and nothing here stops a run.
+  unknown: list[str] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -132,13 +160,19 @@ class _Info:
   pixel 0 sees; `jump`, the input pixels between neighbouring pixels; `axes`, where that image axis
   is in the array, None once it is pooled or flattened away (the interval then covers the axis).
   `uniform` is False after a flatten, whose values see different pixels: picking some of them
-  would see less than the union kept here.
+  would see less than the union kept here. `whole`, per image axis, is True once a value pooled
+  over that axis has been mixed back into the map (squeeze-and-excitation's gate, a norm over the
+  map, attention): from there on every pixel sees the whole image along it, and `lo`/`hi` no
+  longer describe a window that moves with the pixel.
   """
   lo: tuple[int, int]
   hi: tuple[int, int]
   jump: tuple[int, int]
   axes: tuple[int | None, int | None] = (1, 2)
   uniform: bool = True
+  whole: tuple[bool, bool] = (False, False)
+  # The dense operations (indices into `_Walker.dense_ops`) this value was computed through.
+  dense: frozenset[int] = frozenset()
 
   def spatial(self) -> bool:
     return any(p is not None for p in self.axes)
@@ -147,7 +181,9 @@ class _Info:
     return dataclasses.replace(self, lo=tuple(map(min, self.lo, other.lo)),
                                hi=tuple(map(max, self.hi, other.hi)),
                                jump=tuple(map(max, self.jump, other.jump)),
-                               uniform=self.uniform and other.uniform)
+                               uniform=self.uniform and other.uniform,
+                               whole=tuple(map(operator.or_, self.whole, other.whole)),
+                               dense=self.dense | other.dense)
 
   def window(self, axis: int, size: int, stride: int, dilation: int, pad_lo: int) -> '_Info':
     lo, hi, jump = list(self.lo), list(self.hi), list(self.jump)
@@ -174,6 +210,16 @@ class _Info:
   def size(self) -> tuple[int, int]:
     return tuple(h - l + 1 for l, h in zip(self.lo, self.hi))
 
+  def sees_whole_image(self) -> bool:
+    """Whether every pixel of a map with this state sees the whole image (see `whole`); also a
+    value pooled over the map and spread back over one (uniform: every value sees the same)."""
+    return all(self.whole) or (not self.spatial() and self.uniform)
+
+
+# The state of an array derived from one whose receptive field the walk could not follow: its
+# rows report no field, and nothing after it is refused for it (`_Walker.unknown` says why).
+_UNKNOWN = object()
+
 
 def _squash(v: Sequence[int]) -> int | list[int]:
   return int(v[0]) if v[0] == v[1] else [int(x) for x in v]
@@ -197,8 +243,15 @@ class _Walker:
     self.marked: dict[int, _Info | None] = {}
     self.violations_conv: list[str] = []
     self.dense_ops: list[str] = []
+    # Dense operations whose result is mixed back into the map (squeeze-and-excitation's gate):
+    # global context, not a classifier head, so the no-dense rule leaves them alone.
+    self.gates: set[int] = set()
     self.macs: dict[int, int] = {}  # Per layer row, by index.
     self.macs_total = 0
+    # What the walk could not decide ('mul in Block_0: ...'), and where a value pooled over the
+    # map is mixed back into it (every pixel sees the whole image from there on).
+    self.unknown: list[str] = []
+    self.global_context: list[str] = []
     self._layer: int | None = None  # The row whose operations are being walked.
     # Vars computed from kernel weights alone (no input pixel): multiplying data by one is a MAC.
     self._weights: set[Any] = set()
@@ -246,16 +299,31 @@ class _Walker:
     if all(i is None for i in ins):
       return [None] * len(eqn.outvars)
     self._count_macs(eqn, weights)
+    n_dense = len(self.dense_ops)
     self._check_design(eqn, ins, scope)
+    if any(i is _UNKNOWN for i in ins):
+      return [_UNKNOWN] * len(eqn.outvars)
     try:
       if any(i is not None and i.spatial() for i in ins):
         if name not in _RULES:
           raise _Unknown('the walk does not know how it moves pixels')
-        return _RULES[name](eqn, ins)
-      return _flat(eqn, ins)
+        outs = _RULES[name](eqn, ins)
+      else:
+        outs = _flat(eqn, ins)
     except _Unknown as e:
-      raise UserError(f'receptive field unknown for {name} in {self._where(eqn, scope)}: '
-                      f'{e}') from None
+      # A gap in the report, never a reason to stop: later rows show no field.
+      self.unknown.append(f'receptive field after {name} in {self._where(eqn, scope)}: {e}')
+      return [_UNKNOWN] * len(eqn.outvars)
+    if (any(o is not None and o.whole != (False, False) for o in outs)
+        and not any(i is not None and i.whole != (False, False) for i in ins)):
+      self.global_context.append(f'{name} in {self._where(eqn, scope)}')
+    if any(o is not None and o.spatial() for o in outs):
+      for i in ins:
+        if i is not None and not i.spatial():
+          self.gates |= i.dense
+    new = frozenset(range(n_dense, len(self.dense_ops)))
+    return [o if o is None or not new else dataclasses.replace(o, dense=o.dense | new)
+            for o in outs]
 
   def _where(self, eqn, scope: str) -> str:
     """The table's name of the row running `eqn`; outside every row, its Flax module or the model."""
@@ -285,12 +353,21 @@ class _Walker:
             f'depthwise-separable (make it depthwise, feature_group_count={in_ch}, followed by a '
             '1x1 convolution, or set --config.constraints.depthwise_separable_only=False)')
       if max(kernel) == 1 and all(lhs[d] == 1 for d in dn.lhs_spec[2:]) and ins[0] is not None:
-        self.dense_ops.append(self._dense(eqn, scope, ins[0]))
+        self._dense_candidate(eqn, scope, ins[0])
     elif name == 'dot_general':
       k, info = next((k, i) for k, i in enumerate(ins) if i is not None)
       shape = eqn.invars[k].aval.shape
-      if all(p is None or shape[p] == 1 for p in info.axes):
-        self.dense_ops.append(self._dense(eqn, scope, info))
+      if info is _UNKNOWN or all(p is None or shape[p] == 1 for p in info.axes):
+        self._dense_candidate(eqn, scope, info)
+
+  def _dense_candidate(self, eqn, scope: str, info) -> None:
+    """Records a dense layer; past a gap in the walk, lists the question instead (whether its
+    result is mixed back into the map, as a gate, is then unknown)."""
+    if info is _UNKNOWN:
+      self.unknown.append(f'whether {eqn.primitive.name} in {self._where(eqn, scope)} is a dense '
+                          'layer or a gate on the map: the walk lost the map before it')
+    else:
+      self.dense_ops.append(self._dense(eqn, scope, info))
 
   def _dense(self, eqn, scope: str, info: _Info) -> str:
     """The violation of a matrix product on data with no spatial extent, and how to avoid it."""
@@ -376,22 +453,26 @@ def _merge(infos: Sequence[_Info]) -> _Info:
   """The union of arrays that meet pixel by pixel (an add, a concatenation along channels).
 
   Exact when their image axes are in the same places and their pixels as far apart: otherwise what
-  a pixel sees would differ from pixel to pixel.
+  a pixel sees would differ from pixel to pixel. A map combined with a value pooled over one of
+  its axes (squeeze-and-excitation's gate, the mean of a norm over the map) sees the whole image
+  along that axis from there on (`_Info.whole`).
   """
   out = infos[0]
   for other in infos[1:]:
+    axes, jump, whole = list(out.axes), list(out.jump), list(out.whole)
     for a in range(2):
       p, q = out.axes[a], other.axes[a]
       if (p is None) != (q is None):
-        raise _Unknown('it combines the map with a value pooled over the image (as '
-                       'squeeze-and-excitation or a norm over the map does), so what a pixel sees '
-                       'is no longer a window that moves with it')
+        axes[a], whole[a] = (p, True) if q is None else (q, True)
+        jump[a] = out.jump[a] if q is None else other.jump[a]
+        continue
       if p != q:
         raise _Unknown('it combines arrays whose height and width axes are in different places')
       if p is not None and out.jump[a] != other.jump[a]:
         raise _Unknown(f'it combines maps whose neighbouring pixels are {out.jump[a]} and '
                        f'{other.jump[a]} input pixels apart')
-    out = out.union(other)
+    out = dataclasses.replace(out.union(other), axes=tuple(axes), jump=tuple(jump),
+                              whole=tuple(map(operator.or_, whole, other.whole)))
   return out
 
 
@@ -607,8 +688,9 @@ _RULES = {
 }
 
 
-def _conv_type(module: nn.Conv, in_features: int) -> str:
-  """The project's type of a plain `nn.Conv`: depthwise, pointwise, or a full (grouped) one."""
+def _conv_type(module: nn.Conv | nnx.Conv, in_features: int) -> str:
+  """The project's type of a plain `nn.Conv` or `nnx.Conv`: depthwise, pointwise, or a full
+  (grouped) one."""
   kernel = (module.kernel_size,) if isinstance(module.kernel_size, int) else module.kernel_size
   if module.feature_group_count == in_features:
     return 'DepthwiseConv2D'
@@ -621,7 +703,7 @@ def _row_type(module: nn.Module, args, kwargs) -> str | None:
   """The type of `module`'s row in the table, or None when its call has no row of its own."""
   if isinstance(module, layers_lib.Layer):
     return type(module).__name__
-  if isinstance(module, nn.Conv):
+  if isinstance(module, (nn.Conv, nnx.Conv)):
     return _conv_type(module, (*args, *kwargs.values())[0].shape[-1])
   return next((name for cls, name in _FLAX_ROWS if isinstance(module, cls)), None)
 
@@ -632,8 +714,9 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
 
   `constraints` (a ConfigDict or mapping with max_params, depthwise_separable_only,
   require_batch_norm, allow_dense) adds one violation string per broken rule. The batch of the
-  trace is one image, so MACs and activation sizes are per image. Raises `UserError` when an
-  operation on the map is one whose receptive field the walk cannot follow exactly.
+  trace is one image, so MACs and activation sizes are per image. An operation on the map whose
+  receptive field the walk cannot follow exactly is listed in the report's `unknown`, never
+  raised.
   """
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   variables = _abstract_variables(model, input_shape)
@@ -644,11 +727,14 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
   saw_batch_norm = [False]
 
   def interceptor(next_fun, args, kwargs, context):
-    module = context.module
     if context.method_name != '__call__':
       return next_fun(*args, **kwargs)
-    modules.add('/'.join(module.scope.path))
-    if isinstance(module, nn.BatchNorm):  # The project's BatchNorm wraps one too.
+    return on_call(tuple(context.module.scope.path), context.module, next_fun, args, kwargs)
+
+  def on_call(path, module, next_fun, args, kwargs):
+    """A module call (Linen's, or an NNX model's submodule's): a row when it is a layer."""
+    modules.add('/'.join(path))
+    if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):  # The project's BatchNorm wraps one.
       saw_batch_norm[0] = True
     row_type = _row_type(module, args, kwargs)
     if row_type is None:
@@ -665,12 +751,12 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
     if not outermost:
       return out
     index = len(rows)
-    rows.append({'path': tuple(module.scope.path), 'type': row_type,
+    rows.append({'path': path, 'type': row_type,
                  'shape': list(out.shape[1:]), 'itemsize': out.dtype.itemsize})
     return _tag(out, f'{_MARKER_PREFIX}{index}')
 
   def apply(variables, x):
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(interceptor), nnx_adapter.intercept_calls(on_call):
       return model.apply(variables, x, train=False)
 
   closed = jax.make_jaxpr(apply)(variables, x)
@@ -680,19 +766,18 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
   walker.run(closed.jaxpr, in_infos, _kernel_leaves(variables) + [False])
 
   trainable = variables.get('params', {})
+  weights = _weights(variables)
   layer_reports = []
   for index, row in enumerate(rows):
-    info = walker.marked.get(index)
     n_train = _count(_subtree(trainable, row['path']))
-    n_all = sum(_count(_subtree(tree, row['path'])) for tree in variables.values())
-    rf = _squash(info.size()) if info else 1
-    jump = _squash(info.jump) if info else 1
+    n_all = sum(_count(_subtree(tree, row['path'])) for tree in weights.values())
+    rf, jump, whole = _row_field(walker.marked.get(index), row['shape'], input_shape)
     layer_reports.append(LayerReport(
         name='/'.join(row['path']), type=row['type'], output_shape=row['shape'], params=n_all,
         params_trainable=n_train, receptive_field=rf, jump=jump, macs=walker.macs.get(index, 0),
-        activation_bytes=math.prod(row['shape']) * row['itemsize']))
+        activation_bytes=math.prod(row['shape']) * row['itemsize'], sees_whole_image=whole))
 
-  total = _count(variables)
+  total = _count(weights)
   n_trainable = _count(trainable)
   activations = [l.activation_bytes for l in layer_reports]
   report = ModelReport(input_shape=list(input_shape), layers=layer_reports, params_total=total,
@@ -700,10 +785,32 @@ def analyze_model(model: nn.Module, input_shape: Sequence[int],
                        violations=[], macs_total=walker.macs_total,
                        activation_bytes_total=sum(activations),
                        activation_bytes_max=max(activations, default=0),
+                       global_context=walker.global_context, unknown=walker.unknown,
                        **receptive_field_advice(layer_reports, input_shape))
   if constraints is not None:
-    report.violations = _violations(report, walker, saw_batch_norm[0], constraints)
+    # A flax BatchNorm, or any normalisation by stored (moving) statistics, found by what it
+    # computes (`parameter_structure`), traced only when the rule needs it.
+    uses_batch_norm = lambda: saw_batch_norm[0] or any(
+        n.moving for n in parameter_structure(model, input_shape).normalisations)
+    report.violations = _violations(report, walker, uses_batch_norm, constraints)
   return report
+
+
+def _row_field(info, shape: Sequence[int], input_shape: Sequence[int]):
+  """(receptive field, jump, sees the whole image) of a row whose output has `info` and `shape`.
+
+  A map (3 axes) whose pixels all see the whole image along an axis reports the image's size
+  there; a row the walk could not follow reports None.
+  """
+  if info is None:  # Not computed from the image.
+    return 1, 1, False
+  if info is _UNKNOWN:
+    return None, None, False
+  whole = list(info.whole)
+  if len(shape) == 3 and not info.spatial() and info.uniform:
+    whole = [True, True]  # A pooled value spread over a map again (as attention does).
+  size = [input_shape[a] if w else n for a, (w, n) in enumerate(zip(whole, info.size()))]
+  return _squash(size), _squash(info.jump), len(shape) == 3 and all(whole)
 
 
 def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -712,7 +819,13 @@ def count_params(model: nn.Module, input_shape: Sequence[int]) -> int:
   Equal to `analyze_model(...).params_total`, at a fraction of its cost (`dsconv_jax.budget`
   calls it many times).
   """
-  return _count(_abstract_variables(model, input_shape))
+  return _count(_weights(_abstract_variables(model, input_shape)))
+
+
+def _weights(variables) -> dict[str, Any]:
+  """The collections of `variables` that hold weights (Keras' count): all but an NNX model's
+  random-stream state (`nnx_adapter.STATE`)."""
+  return {k: v for k, v in variables.items() if k != nnx_adapter.STATE}
 
 
 def _abstract_variables(model: nn.Module, input_shape: Sequence[int]):
@@ -753,6 +866,10 @@ def receptive_field_advice(layers: Sequence[LayerReport],
   * 'covers': at least the image size, and at most `RF_OVERSHOOT_FACTOR` (4) times it.
   * 'overshoots': more than 4 times the image; the deepest layers mostly see padding.
 
+  Two more: 'whole', when global context (a value pooled over the map: squeeze-and-excitation,
+  attention, a norm over the map) makes every pixel of that layer see the whole image, and
+  'unknown', when the analysis could not follow the map up to it.
+
   Returns the `ModelReport` fields `output_receptive_field`, `receptive_field_layer`,
   `receptive_field_status` and `receptive_field_verdict` (one or two plain sentences saying what
   to change: pooling position, kernel size, dilation, depth).
@@ -763,10 +880,24 @@ def receptive_field_advice(layers: Sequence[LayerReport],
             'receptive_field_status': 'none',
             'receptive_field_verdict': 'No layer keeps spatial axes: no receptive-field advice.'}
   last = spatial[-1]
-  rf, jump, image = _pair(last.receptive_field), _pair(last.jump), tuple(input_shape[:2])
+  image = tuple(input_shape[:2])
+  size = f'{image[0]}x{image[1]}'
+  if last.receptive_field is None:
+    return {'output_receptive_field': None, 'receptive_field_layer': last.name,
+            'receptive_field_status': 'unknown',
+            'receptive_field_verdict': f'The output\'s receptive field at {last.name} (the last '
+                                       'layer with spatial axes) is unknown: the analysis could '
+                                       'not follow the map there (see "Not analysed").'}
+  if last.sees_whole_image:
+    return {'output_receptive_field': last.receptive_field, 'receptive_field_layer': last.name,
+            'receptive_field_status': 'whole',
+            'receptive_field_verdict': f'Every output pixel at {last.name} (the last layer with '
+                                       f'spatial axes) sees the whole {size} image: global '
+                                       'context (a value pooled over the map) is mixed into '
+                                       'the map before it.'}
+  rf, jump = _pair(last.receptive_field), _pair(last.jump)
   seen = (f'The output\'s receptive field, {_fmt(last.receptive_field)} pixels at {last.name} '
           '(the last layer with spatial axes),')
-  size = f'{image[0]}x{image[1]}'
   if any(r < s for r, s in zip(rf, image)):
     status = 'short'
     verdict = (f'{seen} falls short of the {size} image: no output feature sees the whole image '
@@ -802,7 +933,8 @@ def _count(tree) -> int:
   return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree.leaves(tree)))
 
 
-def _violations(report: ModelReport, walker: _Walker, saw_batch_norm: bool, c: Any) -> list[str]:
+def _violations(report: ModelReport, walker: _Walker, uses_batch_norm: Callable[[], bool],
+                c: Any) -> list[str]:
   get = c.get if hasattr(c, 'get') else lambda k, d=None: getattr(c, k, d)
   out = []
   max_params = int(get('max_params', 0) or 0)
@@ -812,8 +944,8 @@ def _violations(report: ModelReport, walker: _Walker, saw_batch_norm: bool, c: A
   if get('depthwise_separable_only', False):
     out.extend(walker.violations_conv)
   if not get('allow_dense', True):
-    out.extend(walker.dense_ops)
-  if get('require_batch_norm', False) and not saw_batch_norm:
+    out.extend(v for k, v in enumerate(walker.dense_ops) if k not in walker.gates)
+  if get('require_batch_norm', False) and not uses_batch_norm():
     out.append('the model has no BatchNorm layer (constraints.require_batch_norm=True)')
   return out
 
@@ -825,8 +957,9 @@ def format_table(report: ModelReport, title: str = '') -> str:
   body = []
   for layer in report.layers:
     shape = 'x'.join(str(s) for s in layer.output_shape)
+    rf = 'image' if layer.sees_whole_image else _fmt(layer.receptive_field)
     body.append((layer.name, layer.type, shape, f'{layer.params:,}', f'{layer.macs:,}',
-                 f'{layer.activation_bytes:,}', _fmt(layer.receptive_field), _fmt(layer.jump)))
+                 f'{layer.activation_bytes:,}', rf, _fmt(layer.jump)))
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   line = lambda r: '  '.join(c.ljust(w) if i < 3 else c.rjust(w)
                              for i, (c, w) in enumerate(zip(r, widths)))
@@ -842,24 +975,290 @@ def format_table(report: ModelReport, title: str = '') -> str:
   out.append(f'Activations per image: {report.activation_bytes_total:,} bytes (all layer outputs; '
              f'largest {report.activation_bytes_max:,})')
   out.extend(textwrap.wrap(report.receptive_field_verdict, 100))
+  if report.global_context:
+    out.extend(textwrap.wrap(
+        'Global context: every pixel sees the whole image (RF "image") after '
+        f'{"; ".join(report.global_context)}, where a value pooled over the map is mixed back '
+        'into it (squeeze-and-excitation, attention, a norm over the map).', 100))
+  if report.unknown:
+    out.append('Not analysed (rows show "?"; the constraints are checked on everything else):')
+    out.extend(textwrap.fill(u, 100, initial_indent='  - ', subsequent_indent='    ')
+               for u in report.unknown)
   return '\n'.join(out)
 
 
-def _fmt(v: int | list[int]) -> str:
+def _fmt(v: int | list[int] | None) -> str:
+  if v is None:
+    return '?'
   return str(v) if isinstance(v, int) else 'x'.join(map(str, v))
 
 
 def batch_norm_settings(model: nn.Module, input_shape: Sequence[int]
                         ) -> list[tuple[float, float]]:
-  """(momentum, epsilon) of every `flax.linen.BatchNorm` that `model` calls, in call order (the
-  project's BatchNorm layers wrap one), found by tracing its initialisation abstractly."""
+  """(momentum, epsilon) of every `flax.linen.BatchNorm` or `flax.nnx.BatchNorm` that `model`
+  calls, in call order (the project's BatchNorm layers wrap one), found by tracing it in
+  evaluation mode abstractly."""
   settings = []
 
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      settings.append((float(context.module.momentum), float(context.module.epsilon)))
-    return next_fun(*args, **kwargs)
+  def record(module, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    # Read after the call: an inner interceptor may set them (`models.BatchNormOverride`).
+    if isinstance(module, (nn.BatchNorm, nnx.BatchNorm)):
+      settings.append((float(module.momentum), float(module.epsilon)))
+    return out
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape))))
+  def linen(next_fun, args, kwargs, context):
+    if context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    return record(context.module, next_fun, args, kwargs)
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  variables = _abstract_variables(model, input_shape)
+  with nn.intercept_methods(linen), nnx_adapter.intercept_calls(
+      lambda path, *call: record(*call)):
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter structure: which parameters are convolution kernels and which are the shifts of a
+# normalisation, found from what the traced model computes with them, never from their names.
+
+# Operations that move or retype the elements of one array without mixing them: a kernel reaches
+# its convolution through them (a reshape to the grouped layout, a squeeze of a 1x1 kernel's
+# taps, a cast to the compute dtype), a bias its addition (a broadcast over the map).
+_VIEWS = frozenset({'convert_element_type', 'reshape', 'squeeze', 'expand_dims', 'transpose',
+                    'copy', 'copy_p', 'broadcast_in_dim', 'slice', 'reduce_precision'})
+# Those of them that lose nothing when they keep the number of elements: the kernel in the
+# convolution's layout then gives back the parameter (`Convolution.from_hwio`).
+_BIJECTIVE = _VIEWS - {'reduce_precision'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Convolution:
+  """A convolution the model computes (a 1x1 one may be a matrix product on the map)."""
+  path: tuple[str, ...] | None  # Its kernel's path in the 'params' collection; None if computed.
+  groups: int
+  in_channels: int
+  out_channels: int
+  kernel_size: tuple[int, ...]
+  # The kernel parameter's value -> the kernel in (*kernel_size, in_channels / groups,
+  # out_channels) layout, and back; None when the parameter does not reach the convolution
+  # element for element.
+  to_hwio: Callable[[jax.Array], jax.Array] | None = None
+  from_hwio: Callable[[jax.Array], jax.Array] | None = None
+
+  @property
+  def depthwise(self) -> bool:
+    """One input channel per group (a depthwise convolution, any depth multiplier)."""
+    return self.groups > 1 and self.groups == self.in_channels
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalisation:
+  """Data scaled by the inverse of a standard deviation (BatchNorm, LayerNorm, GroupNorm, ...)."""
+  moving: bool  # Its statistics are stored variables (BatchNorm's moving averages), not the data's.
+  shift: tuple[str, ...] | None  # The path of the parameter added right after it (its bias).
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+  """The convolutions and normalisations of a model, traced once (`parameter_structure`)."""
+  convolutions: tuple[Convolution, ...]
+  normalisations: tuple[Normalisation, ...]
+
+  def batch_norm_bias_mask(self, params) -> Any:
+    """True for the shift (bias) of every normalisation by moving statistics: BatchNorm's."""
+    shifts = {n.shift for n in self.normalisations if n.moving and n.shift is not None}
+    return jax.tree_util.tree_map_with_path(lambda path, _: _keys(path) in shifts, params)
+
+  def grouped_convolutions(self) -> list[int]:
+    """The groups of every convolution with more than one (depthwise ones included), sorted."""
+    return sorted(c.groups for c in self.convolutions if c.groups > 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """What one traced array is made of, for `_StructureWalker`.
+
+  `data`: computed from the image; `moving`: from variables outside 'params' (BatchNorm's moving
+  statistics); `param`, with `chain`: a view (`_VIEWS`) of that one parameter alone, through
+  those operations. `inv_std`, `std`: an inverse standard deviation (times scales) or a standard
+  deviation, True when of moving statistics; `normalised`: data scaled by one, the index of its
+  `Normalisation`.
+  """
+  data: bool = False
+  moving: bool = False
+  param: tuple[str, ...] | None = None
+  chain: tuple[Any, ...] = ()
+  inv_std: bool | None = None
+  std: bool | None = None
+  normalised: int | None = None
+
+
+class _StructureWalker:
+  """Follows parameters through a jaxpr to the convolutions and normalisations that use them."""
+
+  def __init__(self, param_avals: dict[tuple[str, ...], Any]):
+    self.param_avals = param_avals
+    self.convolutions: list[Convolution] = []
+    self.normalisations: list[dict[str, Any]] = []
+
+  def run(self, jaxpr, sources: Sequence[_Source]) -> list[_Source]:
+    env = dict(zip(jaxpr.invars, sources))
+    read = lambda v: _Source() if isinstance(v, jax.extend.core.Literal) else env.get(v, _Source())
+    for eqn in jaxpr.eqns:
+      outs = self._eqn(eqn, [read(v) for v in eqn.invars])
+      env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+  def _eqn(self, eqn, ins: list[_Source]) -> list[_Source]:
+    name = eqn.primitive.name
+    sub = _sub_jaxpr(eqn) if name in _CALLS else None
+    if sub is not None:
+      return self.run(sub, ins)
+    plain = _Source(data=any(i.data for i in ins), moving=any(i.moving for i in ins))
+    arrays = [k for k, v in enumerate(eqn.invars) if not isinstance(v, jax.extend.core.Literal)]
+    if name in _VIEWS and len(arrays) == 1:
+      i = ins[arrays[0]]
+      return [dataclasses.replace(i, chain=i.chain + (eqn,) if i.param else ())]
+    if name == 'conv_general_dilated':
+      self._conv(eqn, ins)
+    elif name == 'dot_general':
+      self._matmul(eqn, ins)
+    elif name in ('rsqrt', 'sqrt') and (ins[0].data or ins[0].moving):
+      key = 'inv_std' if name == 'rsqrt' else 'std'
+      return [dataclasses.replace(plain, **{key: not ins[0].data})]
+    elif name == 'mul' and len(ins) == 2:
+      return [self._mul(plain, ins)]
+    elif name == 'div' and ins[0].data and ins[0].inv_std is None and ins[1].std is not None:
+      return [self._normalised(plain, ins[1].std)]
+    elif name in ('add', 'sub') and len(ins) == 2:
+      for a, b in (ins, ins[::-1]):
+        if a.normalised is not None and b.param is not None and not (b.data or b.moving):
+          self.normalisations[a.normalised]['shift'] = b.param
+    return [plain] * len(eqn.outvars)
+
+  def _mul(self, plain: _Source, ins: list[_Source]) -> _Source:
+    for a, b in (ins, ins[::-1]):
+      if a.inv_std is not None and b.inv_std is None and not b.data:
+        return dataclasses.replace(plain, inv_std=a.inv_std)  # Times a scale parameter.
+      if a.inv_std is not None and b.data and b.inv_std is None and b.normalised is None:
+        return self._normalised(plain, a.inv_std)
+      if a.normalised is not None and not (b.data or b.moving):
+        return dataclasses.replace(plain, normalised=a.normalised)  # Scaled after normalising.
+    return plain
+
+  def _normalised(self, plain: _Source, moving: bool) -> _Source:
+    self.normalisations.append({'moving': moving, 'shift': None})
+    return dataclasses.replace(plain, normalised=len(self.normalisations) - 1)
+
+  def _conv(self, eqn, ins: list[_Source]) -> None:
+    lhs, rhs = ins
+    if not lhs.data or rhs.data or eqn.params['batch_group_count'] != 1:
+      return
+    spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...) axes of the kernel.
+    shape = eqn.invars[1].aval.shape
+    groups = eqn.params['feature_group_count']
+    order = (*spec[2:], spec[1], spec[0])
+    self._record(rhs, eqn.invars[1].aval, lambda w: jnp.transpose(w, order), groups,
+                 shape[spec[1]] * groups, shape[spec[0]], tuple(shape[d] for d in spec[2:]))
+
+  def _matmul(self, eqn, ins: list[_Source]) -> None:
+    """A matrix product of a map (batch, height, width, ...) with a kernel matrix: a 1x1 conv."""
+    (contract, batch) = eqn.params['dimension_numbers']
+    for k in (0, 1):
+      data, kernel, aval = ins[k], ins[1 - k], eqn.invars[1 - k].aval
+      if (data.data and not kernel.data and len(eqn.invars[k].aval.shape) >= 4
+          and len(aval.shape) == 2 and len(contract[1 - k]) == 1 and not batch[0]):
+        c = contract[1 - k][0]
+        in_ch, out_ch = aval.shape[c], aval.shape[1 - c]
+        to_hwio = lambda w, c=c, n=in_ch, m=out_ch: jnp.reshape(w if c == 0 else w.T, (1, 1, n, m))
+        self._record(kernel, aval, to_hwio, 1, in_ch, out_ch, (1, 1))
+
+  def _record(self, kernel: _Source, aval, layout: Callable, groups: int, in_ch: int,
+              out_ch: int, size: tuple[int, ...]) -> None:
+    to_hwio = from_hwio = None
+    if kernel.param is not None:
+      leaf = self.param_avals[kernel.param]
+      chain = kernel.chain
+      if (all(e.primitive.name in _BIJECTIVE for e in chain)
+          and math.prod(leaf.shape) == math.prod(aval.shape)):
+        to_hwio = lambda w: layout(_apply_chain(chain, w))
+        spec = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        # A permutation of the elements: its transpose is its inverse.
+        from_hwio = lambda w: jax.linear_transpose(to_hwio, spec)(w.astype(leaf.dtype))[0]
+    self.convolutions.append(Convolution(kernel.param, groups, in_ch, out_ch, size, to_hwio,
+                                         from_hwio))
+
+
+def _apply_chain(chain: Sequence[Any], value: jax.Array) -> jax.Array:
+  """`value` through the recorded view operations (each with one array operand)."""
+  for eqn in chain:
+    args = [v.val if isinstance(v, jax.extend.core.Literal) else value for v in eqn.invars]
+    value = eqn.primitive.bind(*args, **eqn.params)
+  return value
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def structure_of(apply: Callable[[Any, jax.Array], Any], variables, image) -> Structure:
+  """The `Structure` of `apply(variables, image)`, traced once (nothing is computed).
+
+  `variables` maps collection names to trees ('params' holds the parameters; any other
+  collection, such as 'batch_stats', holds stored statistics); `image` is an array or a
+  `jax.ShapeDtypeStruct`. Works for any way of writing a model that can be called so.
+  """
+  closed = jax.make_jaxpr(apply)(variables, image)
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  sources, avals = [], {}
+  for path, leaf in leaves:
+    keys = _keys(path)
+    if keys[0] == 'params':
+      avals[keys[1:]] = leaf
+      sources.append(_Source(param=keys[1:]))
+    else:
+      sources.append(_Source(moving=True))
+  walker = _StructureWalker(avals)
+  walker.run(closed.jaxpr, sources + [_Source(data=True)])
+  return Structure(tuple(walker.convolutions),
+                   tuple(Normalisation(**n) for n in walker.normalisations))
+
+
+def parameter_structure(model: nn.Module, input_shape: Sequence[int]) -> Structure:
+  """The convolutions and normalisations of a Linen `model` on one image of `input_shape`.
+
+  Traced in evaluation mode with every layer of the project in its plain form (`_grouped_forms`:
+  depthwise convolutions grouped, one `conv_general_dilated` each), so that each convolution is
+  one operation whatever form the run trains with; the parameters are the same in every form.
+  """
+  image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+
+  def apply(variables, x):
+    with nn.intercept_methods(_grouped_forms):
+      return model.apply(variables, x, train=False)
+
+  return structure_of(apply, _abstract_variables(model, input_shape), image)
+
+
+def _grouped_forms(next_fun, args, kwargs, context):
+  """A Flax interceptor: a module with layer `Options` computes with grouped depthwise
+  convolutions during its call (the form changes how, never what; the trace runs nothing)."""
+  module = context.module
+  options = getattr(module, 'options', None)
+  if not isinstance(options, layers_lib.Options) or options.depthwise == 'grouped':
+    return next_fun(*args, **kwargs)
+  object.__setattr__(module, 'options', dataclasses.replace(options, depthwise='grouped'))
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__setattr__(module, 'options', options)
+
+
+def batch_norm_biases(model: nn.Module, input_shape: Sequence[int]) -> Callable[[Any], Any]:
+  """params -> True for the biases of `model`'s BatchNorm layers (normalisations by moving
+  statistics), for `optim.create_optimizer`; the model is traced on the first call only."""
+  structure = functools.cache(lambda: parameter_structure(model, input_shape))
+  return lambda params: structure().batch_norm_bias_mask(params)

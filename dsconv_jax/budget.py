@@ -29,8 +29,8 @@ _MAX_K = GRID * 1024  # Past a multiplier of 1024 the budget is not a design con
 
 
 def declares_width_multiplier(model: nn.Module) -> bool:
-  """Whether `model`'s module has a `width_multiplier` field."""
-  return models.declares(type(model), 'width_multiplier')
+  """Whether `model`'s module has a `width_multiplier` field (an NNX class: argument)."""
+  return models.declares(models.module_class(model), 'width_multiplier')
 
 
 def resolve_width(config: ml_collections.ConfigDict, input_shape: Sequence[int],
@@ -55,7 +55,7 @@ def resolve_width(config: ml_collections.ConfigDict, input_shape: Sequence[int],
   if not declared:
     raise UserError(
         f'config.fit_params={budget:,} needs a model that declares a width multiplier, and model '
-        f'{config.model!r} ({type(model).__name__}) has no width_multiplier field; models that '
+        f'{config.model!r} ({models.module_class(model).__name__}) has no width_multiplier field; models that '
         f'do: {", ".join(_models_with_multiplier())}, and \'sequential\' (an imported module '
         'can declare width_multiplier: float = 1.0 and scale its hidden widths with it). Or set '
         'config.fit_params=0')

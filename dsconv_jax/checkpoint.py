@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -36,9 +37,8 @@ _CAUSES = ('No space left on device', 'Disk quota exceeded', 'File too large', '
 
 # How long Orbax lets a background save run before its wait raises TimeoutError (its default is
 # 1,200 s). The deadline runs from the start of the save, so a process suspended mid-save (a
-# laptop asleep, a job frozen by its scheduler, SIGSTOP) for longer than this failed its next
-# save although the write needed milliseconds: a 23-minute SIGSTOP did that to a 50-epoch run on
-# 2026-12-03 (issue 16's notes). A save that truly hangs still ends, after this long.
+# laptop asleep, a job frozen by its scheduler, SIGSTOP) for longer than this would fail its
+# next save although the write needs milliseconds. A save that truly hangs still ends, after this.
 SAVE_TIMEOUT_SECONDS = 12 * 3600
 
 
@@ -154,7 +154,7 @@ class Checkpoints:
         logging.info('checkpoint of epoch %d in %s cannot be restored (%s: %s)', epoch,
                      self.directory, type(e).__name__, e)
         print(f'warning: the checkpoint of epoch {epoch} cannot be read ({type(e).__name__}); '
-              'falling back to the previous one', flush=True)
+              'falling back to the previous one', file=sys.stderr, flush=True)
         damaged.append(epoch)
         first_error = first_error or e
         continue
@@ -179,7 +179,7 @@ class Checkpoints:
         target = os.path.join(aside, f'{epoch}-{time.strftime("%Y%m%d-%H%M%S")}')
         os.replace(os.path.join(self.directory, str(epoch)), target)
         print(f'warning: moved the unreadable checkpoint of epoch {epoch} to {target}',
-              flush=True)
+              file=sys.stderr, flush=True)
     if jax.process_count() > 1:
       # Other processes must not list a step that process 0 is moving away.
       multihost_utils.sync_global_devices('dsconv_jax.checkpoint.move_aside')
@@ -203,8 +203,7 @@ class Checkpoints:
       # After a failed save (here, or earlier in `save` itself, where the manager's synchronous
       # part raised while its write threads ran on) Orbax's threads may still log it after the
       # manager is closed, so the filter stays for the rest of the process (our error line
-      # reports the failure). A fresh-clone CI run of 2026-12-04 printed such a late traceback
-      # when only a failure in `close` kept the filter.
+      # reports the failure), whichever call saw it first.
       if self._failed:
         with contextlib.suppress(Exception):
           self.manager.close()

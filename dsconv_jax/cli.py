@@ -103,6 +103,7 @@ def main(body: Callable[[Sequence[str]], None]) -> None:
     body(argv)
 
   def flags_parser(argv):
+    _check_config_file(argv)
     try:
       argv = FLAGS(argv)
       _check_config_loaded()
@@ -174,6 +175,110 @@ def _unknown_config_override(argv: Sequence[str]) -> str | None:
         return f"unknown config key '{key}'{hint}"
       node, done = node[part], done + [part]
   return None
+
+
+# Keys whose contents belong to the model (its constructor's arguments, checked when it is built).
+_MODEL_KEYS = ('model_kwargs',)
+
+
+def _check_config_file(argv: Sequence[str]) -> None:
+  """Checks the keys and value types that --config's file sets, as overrides are checked.
+
+  The file runs with `defaults.get_config()` giving an unchecked copy of the defaults, so that it
+  runs to its end whatever it sets; then every key it holds is compared with the defaults. An
+  unknown key ends the program with exit status 2 (a usage error, as on the command line), naming
+  the key, the file and the nearest known key; a value of the wrong type with exit status 1, naming
+  the key, the value and the type it must have. Nothing is reported when the file cannot be loaded
+  or is not a file (the flag parser then says why). Keys under `model_kwargs` are the model's.
+  """
+  path = _config_path(argv)
+  if path is None:
+    return
+  config = _load_unchecked(path)
+  if config is None:
+    return
+  from dsconv_jax import defaults
+  problem = _config_problem(config, defaults.get_config(), path)
+  if problem is not None:
+    status, message = problem
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(status)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  path = next((a[len('--config='):] for a in argv if a.startswith('--config=')), None)
+  return path if path and os.path.isfile(path) else None
+
+
+def _load_unchecked(path: str):
+  """`get_config()` of the config file at `path`, its defaults not type-checked; None on error."""
+  import importlib.util
+  import ml_collections
+  from dsconv_jax import defaults
+  checked = defaults.get_config
+  defaults.get_config = lambda: ml_collections.ConfigDict(checked().to_dict(), type_safe=False)
+  try:
+    spec = importlib.util.spec_from_file_location('_dsconv_jax_config_check', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    defaults.get_config = checked
+
+
+def _config_problem(config, reference, path: str, prefix: str = '') -> tuple[int, str] | None:
+  """(exit status, message) for the first key of `config` unknown to, or of another type than,
+  `reference` (the defaults); None when every key is known and well typed."""
+  import difflib
+  for key in config.keys():
+    name = prefix + key
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ''
+      return 2, f"unknown config key '{name}' set in {path}{hint}"
+    value, expected = config[key], reference[key]
+    if key in _MODEL_KEYS and prefix == '':
+      if value is not None and not hasattr(value, 'keys'):
+        return 1, (f'config.{name} = {value!r} in {path}: must be a group of keys, the '
+                   f"model's arguments (config.{name}.NAME = VALUE)")
+      continue
+    if hasattr(expected, 'keys'):
+      if not hasattr(value, 'keys'):
+        return 1, (f'config.{name} = {value!r} in {path}: must be a group of keys '
+                   f'(config.{name}.KEY = VALUE)')
+      problem = _config_problem(value, expected, path, f'{name}.')
+      if problem is not None:
+        return problem
+      continue
+    kind = reference.get_type(key)
+    if not _has_type(value, kind, nullable=expected is None):
+      return 1, (f'config.{name} = {value!r} in {path}: must be '
+                 f'{_type_words(kind, nullable=expected is None)}, not {_type_words(type(value))}')
+  return None
+
+
+def _has_type(value, kind: type, nullable: bool) -> bool:
+  """Whether `value` fits a key whose default has type `kind` (as ml_collections would take it)."""
+  if value is None:
+    return nullable or kind is type(None)
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, kind)
+
+
+def _type_words(kind: type, nullable: bool = False) -> str:
+  words = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string',
+           tuple: 'a list', list: 'a list', dict: 'a group of keys', type(None): 'None'}
+  text = words.get(kind, 'a group of keys' if hasattr(kind, 'keys') else kind.__name__)
+  return f'{text} or None' if nullable else text
 
 
 def _check_config_loaded() -> None:

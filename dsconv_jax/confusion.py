@@ -113,15 +113,15 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
   Cells are coloured by the share of their row (the true class), so that classes of different
   sizes compare; each cell is annotated with its count when there are at most 20 classes.
   """
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no backend is chosen, so a notebook's inline plots keep theirs.
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
 
   k = len(class_names)
   totals = matrix.sum(1, keepdims=True)
   shares = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
   side = min(24.0, max(4.5, 0.55 * k + 2.5))
-  fig, ax = plt.subplots(figsize=(side + 1.0, side))
+  fig = matplotlib.figure.Figure(figsize=(side + 1.0, side))
+  ax = fig.subplots()
   image = ax.imshow(shares, cmap='Blues', vmin=0.0, vmax=1.0)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='share of the true class')
   fontsize = 9 if k <= 12 else 7 if k <= 20 else 5
@@ -137,4 +137,3 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
   fig.tight_layout()
   with fileio.atomic_open(path, 'wb') as f:
     fig.savefig(f, format='png', dpi=100)
-  plt.close(fig)

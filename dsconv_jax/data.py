@@ -301,13 +301,17 @@ def split_holdout(split: Split, n: int, seed: int, num_classes: int) -> tuple[Sp
 def normalization_stats(images: np.ndarray, kind: str) -> tuple[list[float], list[float]]:
   """Per-channel (mean, std) that preprocessing subtracts and divides by, in 0..255 units.
 
-  'scale' divides by 255 (source 000); 'standardize' uses the training images' per-channel mean
-  and standard deviation (source 001). Evaluation always reuses the training statistics.
+  'scale' divides by 255 (source 000); 'center' also subtracts 0.5 (pixel / 255 - 0.5, the input
+  of xvel/cifar10-tiniest); 'standardize' uses the training images' per-channel mean and standard
+  deviation (source 001). Evaluation always reuses the training statistics.
   """
   c = images.shape[-1]
   if kind == 'scale':
     return [0.0] * c, [255.0] * c
+  if kind == 'center':
+    return [127.5] * c, [255.0] * c
   if kind == 'standardize':
     flat = images.reshape(-1, c).astype(np.float64)
     return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
-  raise UserError(f"config.normalization must be 'scale' or 'standardize', got {kind!r}")
+  raise UserError(f"config.normalization must be 'scale', 'center' or 'standardize', got "
+                  f"{kind!r}")

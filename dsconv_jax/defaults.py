@@ -5,13 +5,16 @@ wherever the package is installed and whatever the working directory.
 """
 
 import ml_collections
+import ml_collections.config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Model: a name from dsconv_jax.models.MODELS; 'sequential', the model of config.layers; or an
   # import path 'package.module:Class' of any flax.linen.Module (importable from the working
-  # directory, or installed), called as module(images, train=...) and returning logits.
+  # directory, or installed), called as module(images, train=...) and returning logits, or of any
+  # flax.nnx.Module, constructed with rngs= and called as module(images) in the mode that
+  # model.train() / model.eval() set.
   config.model = 'model3'
   # Keyword overrides for the model's constructor.
   config.model_kwargs = ml_collections.ConfigDict()
@@ -19,10 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ['SeparableConv2D(32, 3, padding="same", use_bias=False)', 'BatchNormalization()', ...,
   #  'Conv2D("num_classes", 1)', 'GlobalAveragePooling2D()'] (grammar: dsconv_jax/sequential.py).
   config.layers = ()
-  # Momentum and epsilon of every BatchNorm layer (Keras' defaults), for models that declare
-  # bn_momentum / bn_epsilon fields (all built-in ones with BatchNorm, and 'sequential').
-  config.bn_momentum = 0.99
-  config.bn_epsilon = 1e-3
+  # Momentum of every BatchNorm layer of any model; None keeps the model's own (the built-in
+  # models and 'sequential': Keras' 0.99; DS-ResNet: 0.9).
+  config.bn_momentum = ml_collections.config_dict.placeholder(float)
+  # Added to the variance before normalising, in every BatchNorm layer; None keeps the model's
+  # own (Keras' 1e-3 for the built-in models and 'sequential').
+  config.bn_epsilon = ml_collections.config_dict.placeholder(float)
   # Before each evaluation, recompute BatchNorm's statistics as the mean of this many training
   # batches' own statistics, for the weights evaluated (PreciseBN; the EMA weights when
   # ema_decay > 0); training keeps its moving averages. 0 = off (the source recipes: Keras).
@@ -38,8 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   # statistics, gradients and the loss stay float32). bfloat16 halves activation memory traffic on
   # GPUs and TPUs; on CPUs it is slower (BENCHMARKS.md).
   config.compute_dtype = 'float32'
-  # Dropout masks: 'hash' (a seeded counter hash, fused into the step: BENCHMARKS.md) or
-  # 'threefry' (jax.random.bernoulli, what runs drew before 'hash' existed; about 2x slower on CPU).
+  # Dropout masks of every model: 'hash' (a seeded counter hash, fused into the step:
+  # BENCHMARKS.md) or 'threefry' (jax.random.bernoulli, Flax's own masks; about 2x slower on CPU).
   config.dropout_impl = 'hash'
   # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
   config.fit_params = 0
@@ -54,40 +59,65 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 0
   # Use only the first N examples of the seeded shuffle of each split (0 = all). The subsets are
   # fixed by data_seed, so that runs with different seeds see the same examples.
-  config.train_examples = 0
-  config.eval_examples = 0
-  config.data_seed = 0
+  config.train_examples = 0  # Of the training images left after the holdout.
+  config.eval_examples = 0  # Of the split validated on after each epoch.
+  config.data_seed = 0  # Draws those subsets and the holdout.
   # Training images held out (class-balanced, drawn by data_seed) and validated on after every
   # epoch, so that choices never see the test split, which is evaluated once at the end
   # (summary.json's val_split 'holdout:N'). 0 validates on the test split, as the source studies
   # did (val_split 'test').
   config.holdout = 0
-  # 'scale' (x / 255, source 000) or 'standardize' (per-channel mean/std of the training data).
+  # 'scale' (x / 255, source 000), 'center' (x / 255 - 0.5) or 'standardize' (per-channel
+  # mean/std of the training data).
   config.normalization = 'scale'
-  # Comma-separated on-device augmentations: '', 'crop', 'flip', 'altflip' (airbench's alternating
-  # flip: each image mirrored in every other epoch), 'cutout' (e.g. 'crop,flip').
+  # Comma-separated on-device augmentations, applied in the order named: '', 'crop', 'flip',
+  # 'altflip' (airbench's alternating flip: each image mirrored in every other epoch), 'cutout',
+  # 'rotate', 'sharpen', 'jitter' (colour) (e.g. 'crop,flip'; dsconv_jax/augment.py).
   config.augment = ''
+  # 'crop' pads by 4 pixels mirroring the border ('reflect') or repeating it ('edge').
+  config.crop_padding_mode = 'reflect'
+  # 'rotate': each image (probability 0.95) turned by an angle uniform in +-this many degrees.
+  config.rotate_degrees = 15.0
+  # 'sharpen': PIL's sharpness with a factor uniform in [1, this] (probability 0.95; 1 = none).
+  config.sharpen_factor = 2.2
+  # 'jitter' (probability 0.9): brightness shift, contrast factor, saturation factor and hue turn,
+  # each uniform in +-its value (around 0, 1, 1 and 0), kornia's ColorJiggle.
+  config.color_jitter = (0.1, 0.1, 0.5, 0.05)
+  # Batch mixing after the augmentations: each image takes lam of a partner's (mixup: blended;
+  # cutmix: a box of that area), lam uniform in [0, this], and so does its loss (0 = off; one of
+  # the two at most).
+  config.mixup = 0.0
+  config.cutmix = 0.0
+  # The bound of lam grows linearly from 0 to mixup/cutmix over this fraction of the epochs
+  # (0 = the full bound from the start; xvel/cifar10-tiniest's mixup: 0.5, half the run).
+  config.mix_ramp = 0.0
 
   # Training.
-  config.num_epochs = 50
-  config.batch_size = 128
-  config.eval_batch_size = 1000
-  config.seed = 0
+  config.num_epochs = 50  # Passes over the training images.
+  config.batch_size = 128  # Global: split over all devices, so it must divide by their number.
+  config.eval_batch_size = 1000  # Images per evaluation step (memory only; no effect on results).
+  config.seed = 0  # Initialisation, data order, dropout and augmentation (not the subsets).
   # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'adamw' (decoupled weight decay),
   # 'sgd' (with momentum, nesterov).
   config.optimizer = 'keras_adam'
-  config.momentum = 0.9
-  config.nesterov = False
-  config.learning_rate = 0.01
+  config.momentum = 0.9  # Of 'sgd'.
+  config.nesterov = False  # Nesterov momentum for 'sgd'.
+  config.learning_rate = 0.01  # The peak (or first) learning rate of lr_schedule.
   # 'inverse_time': lr = learning_rate / (1 + lr_decay * (epoch - 1)), set once per epoch like
   # Keras' LearningRateScheduler; 'constant'; per step: 'cosine' or 'onecycle' (linear) to 0
-  # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule).
+  # at the end of num_epochs (so a resumed run must keep num_epochs to keep the same schedule),
+  # or 'cosine_onecycle' (to final_learning_rate).
   config.lr_schedule = 'inverse_time'
-  config.lr_decay = 0.319
+  config.lr_decay = 0.319  # Of 'inverse_time' (source 000's value).
   # Linear warm-up of the per-step schedules over this many epochs (fractions allowed).
   config.warmup_epochs = 0.0
-  # Weight decay on kernels only, never BatchNorm parameters or biases (0 = off).
+  # Weight decay (0 = off), on the parameters weight_decay_params names.
   config.weight_decay = 0.0
+  # The learning rate 'cosine_onecycle' ends at (it starts at learning_rate / 25, rises over
+  # warmup_epochs and falls along a cosine: PyTorch's OneCycleLR).
+  config.final_learning_rate = 0.0
+  # What weight decay shrinks: 'kernels' (not BatchNorm parameters or biases) or 'all'.
+  config.weight_decay_params = 'kernels'
   # Learning-rate multiplier of the BatchNorm biases (1 = the same as every other parameter).
   config.bn_bias_lr_multiplier = 1.0
   # Identity (Dirac) initialisation of the convolutions (`layers.dirac_init`; airbench).
@@ -96,6 +126,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0
   # Decay of an exponential moving average of the weights, evaluated instead of them (0 = off).
   config.ema_decay = 0.0
+  # Cap the decay at (1 + step) / (10 + step) early on (TensorFlow's num_updates), so the average
+  # forgets the initial weights fast; False averages with ema_decay from the first step.
+  config.ema_warmup = True
+  # Distillation: a finished run's workdir whose model (the teacher) scores every training batch
+  # as the student sees it; '' = off. The loss is (1 - distill_weight) x the label loss +
+  # distill_weight x T^2 KL(teacher || student) at temperature T = distill_temperature. The
+  # teacher must have trained on the same split (holdout, data_seed).
+  config.distill_workdir = ''
+  config.distill_weight = 0.5
+  config.distill_temperature = 4.0
   # Also report test_accuracy_tta_flip in summary.json (image and mirror averaged; off).
   config.tta_flip = False
   # Also report test_accuracy_tta_multicrop: airbench's multi-crop TTA, the image (and with
@@ -112,8 +152,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.constraints = ml_collections.ConfigDict()
   config.constraints.max_params = 100_000  # The Keras total must stay below this (0 = no limit).
   config.constraints.depthwise_separable_only = True  # No k x k (k > 1) convolution across channels.
-  config.constraints.require_batch_norm = True
-  config.constraints.allow_dense = False
+  config.constraints.require_batch_norm = True  # At least one BatchNorm layer.
+  config.constraints.allow_dense = False  # Dense (fully connected) layers allowed.
   return config
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -73,6 +74,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ema_decay = ema_decay_of(config)
   if not 0.0 <= ema_decay < 1.0:
     raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
+  if not isinstance(config.get('ema_warmup', True), bool):
+    raise UserError(f'config.ema_warmup must be True or False, got {config.ema_warmup!r}')
+  augment_lib.strengths_from_config(config)
+  augment_lib.mix_from_config(config, 1)
+  distill_settings(config)
   n = jax.device_count()
   if config.batch_size % n:
     raise UserError(f'config.batch_size={config.batch_size} does not divide over the {n} devices; '
@@ -95,6 +101,63 @@ def recalibrate_augment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def ema_decay_of(config: ml_collections.ConfigDict) -> float:
   return float(config.get('ema_decay', 0.0) or 0.0)
+
+
+def distill_settings(config: ml_collections.ConfigDict) -> tuple[str, float, float]:
+  """(teacher workdir or '', weight, temperature) of config.distill_*, checked."""
+  workdir = config.get('distill_workdir', '') or ''
+  weight = config.get('distill_weight', 0.5)
+  temperature = config.get('distill_temperature', 4.0)
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not isinstance(workdir, str):
+    raise UserError(f'config.distill_workdir must be the workdir of a finished run (or \'\' for '
+                    f'none), got {workdir!r}')
+  if not number(weight) or not 0 <= weight <= 1:
+    raise UserError(f'config.distill_weight must be a number in [0, 1], got {weight!r}')
+  if not number(temperature) or not temperature > 0:
+    raise UserError(f'config.distill_temperature must be a number > 0, got {temperature!r}')
+  return workdir, float(weight), float(temperature)
+
+
+def load_teacher(config: ml_collections.ConfigDict, data: 'Data', mesh, mean: jax.Array,
+                 std: jax.Array) -> steps.Teacher | None:
+  """The `steps.Teacher` of config.distill_workdir (None when unset): the finished run's
+  evaluated weights on every device, scoring the student's normalised batch in its own
+  normalisation and compute dtype.
+
+  A UserError when the teacher may have trained on what the student validates on (another
+  holdout or data_seed), or was trained on other classes or image sizes.
+  """
+  workdir, weight, temperature = distill_settings(config)
+  if not workdir:
+    return None
+  # inference builds on this module (a run's train state), so it is imported where it is used.
+  from dsconv_jax import inference  # pylint: disable=import-outside-toplevel
+  run = inference.load_run(workdir)
+  split = run.summary.get('val_split', 'test')
+  if config.get('holdout', 0) and (split != data.val_split or
+                                   int(run.config.get('data_seed', 0)) != int(config.data_seed)):
+    raise UserError(f'config.distill_workdir={workdir!r} trained beside validation split {split!r} '
+                    f'(data_seed {run.config.get("data_seed", 0)}), this run validates on '
+                    f'{data.val_split!r} (data_seed {config.data_seed}): the teacher may have '
+                    'trained on the images this run validates on; train it with the same '
+                    'holdout and data_seed')
+  if list(run.class_names) != list(data.dataset.class_names) or tuple(
+      run.image_shape) != tuple(data.image_shape):
+    raise UserError(f'config.distill_workdir={workdir!r} was trained on other classes or image '
+                    f'sizes ({run.num_classes} classes of {run.image_shape}) than this run '
+                    f'({data.num_classes} of {tuple(data.image_shape)})')
+  variables = jax.tree.map(lambda a: steps.put_replicated(mesh, a), run.variables)
+  t_mean = steps.put_replicated(mesh, np.asarray(run.mean, np.float32))
+  t_std = steps.put_replicated(mesh, np.asarray(run.std, np.float32))
+  dtype = run.config.get('compute_dtype', 'float32')
+  model = run.model
+
+  def logits(x):
+    x = ((x * std + mean - t_mean) / t_std).astype(dtype)
+    return model.apply(variables, x, train=False).astype(jnp.float32)
+
+  return steps.Teacher(logits, weight, temperature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +230,37 @@ def describe_model(config: ml_collections.ConfigDict, image_shape, num_classes: 
   config, width = budget.resolve_width(config, image_shape, num_classes)
   model = models.build_model(config, num_classes)
   report = analysis.analyze_model(model, image_shape, config.constraints)
+  given = models.batch_norm_from_config(config)
+  if given and not analysis.batch_norm_settings(model, image_shape):
+    key, value = next(iter(given.items()))
+    raise UserError(f'config.{key}={value} cannot reach model {config.model!r}: it calls no '
+                    'BatchNorm layer (flax.linen.BatchNorm or flax.nnx.BatchNorm); leave '
+                    f'config.{key} unset (None, the model\'s own)')
   return ModelDescription(config, model, report, width)
+
+
+def model_options_used(config: ml_collections.ConfigDict, model: Any, image_shape,
+                       forms: fast_forms.Forms | None = None) -> dict[str, Any]:
+  """The model options as the model runs them, for summary.json: the distinct momenta and
+  epsilons of its BatchNorm layers (in call order), and the layer forms it computes with:
+  `forms`, the run's (`Experiment.forms`, which every model trains in, however written); without
+  them, what the config asks of a model with `options` (None for another model)."""
+  settings = analysis.batch_norm_settings(model, image_shape)
+  distinct = lambda values: list(dict.fromkeys(values))
+  takes_options = models.declares(models.module_class(model), 'options')
+  if forms is not None:
+    depthwise, dropout = forms.depthwise, forms.dropout
+  elif takes_options:
+    depthwise = layers.resolve_depthwise_impl(config.get('depthwise_impl', 'auto'))
+    dropout = config.get('dropout_impl', 'hash')
+  else:
+    depthwise = dropout = None
+  return {
+      'bn_momentum': distinct(m for m, _ in settings),
+      'bn_epsilon': distinct(e for _, e in settings),
+      'depthwise_impl': depthwise,
+      'dropout_impl': dropout,
+  }
 
 
 @dataclasses.dataclass
@@ -224,7 +317,11 @@ class Experiment:
 def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape, tx, mesh,
                seed_key: jax.Array) -> steps.TrainState:
   """The initial train state of seed `seed_key`, replicated over `mesh`."""
-  init_params = layers.dirac_init if config.get('dirac_init', False) else None
+  init_params = None
+  if config.get('dirac_init', False):
+    init_params = functools.partial(
+        layers.dirac_init,
+        convolutions=analysis.parameter_structure(model, image_shape).convolutions)
   return jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
                                    tx=tx, ema=bool(ema_decay_of(config)),
                                    init_params=init_params),
@@ -255,15 +352,20 @@ def accelerate_state(config: ml_collections.ConfigDict, state: steps.TrainState,
   return state.replace(apply_fn=fast_forms.accelerate(apply_fn, forms)), forms, seconds
 
 
-def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array,
-                    std: jax.Array) -> Callable:
-  """`steps.train_step` with the config's recipe bound (augmentation, label smoothing, EMA,
-  compute dtype) and the normalisation's device arrays."""
+def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array, std: jax.Array,
+                    steps_per_epoch: int = 1, teacher: steps.Teacher | None = None) -> Callable:
+  """`steps.train_step` with the config's recipe bound (augmentation and its strengths, batch
+  mixing over `steps_per_epoch`-step epochs, label smoothing, EMA, compute dtype, the distillation
+  `teacher`) and the normalisation's device arrays."""
   return functools.partial(steps.train_step, mean=mean, std=std,
                            augment=augment_lib.parse(config.augment),
+                           strengths=augment_lib.strengths_from_config(config),
+                           mix=augment_lib.mix_from_config(config, steps_per_epoch),
                            label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
                            ema_decay=ema_decay_of(config),
-                           compute_dtype=config.get('compute_dtype', 'float32'))
+                           ema_warmup=bool(config.get('ema_warmup', True)),
+                           compute_dtype=config.get('compute_dtype', 'float32'),
+                           teacher=teacher)
 
 
 def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
@@ -275,13 +377,17 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} is larger than the '
                     f'{len(data.train.labels)} training examples')
+  if 'jitter' in augment_lib.parse(config.augment) and data.image_shape[-1] != 3:
+    raise UserError(f"config.augment's 'jitter' adjusts RGB colour; these images have "
+                    f'{data.image_shape[-1]} channel(s)')
   description = describe_model(config, data.image_shape, data.num_classes)
   if on_model is not None:
     on_model(description)
   config = description.config
 
   mean, std = data_lib.normalization_stats(data.train.images, config.normalization)
-  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch),
+                              analysis.batch_norm_biases(description.model, data.image_shape))
   mesh = steps.create_mesh()
   seed_key = jax.random.key(config.seed)
   state = init_state(config, description.model, data.image_shape, tx, mesh, seed_key)
@@ -295,7 +401,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
   train_epoch = steps.make_train_epoch(
       mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
       num_examples=len(data.train.labels), seed_key=seed_key,
-      step_fn=bind_train_step(config, mean_d, std_d),
+      step_fn=bind_train_step(config, mean_d, std_d, steps_per_epoch,
+                              load_teacher(config, data, mesh, mean_d, std_d)),
       alternate_flip='altflip' in augment_lib.parse(config.augment))
   eval_batch_size = -(-config.eval_batch_size // n_dev) * n_dev
 
@@ -319,6 +426,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
         num_examples=len(data.train.labels), seed_key=seed_key,
         stats_fn=functools.partial(steps.batch_statistics, mean=mean_d, std=std_d,
                                    augment=recalibrate_augment(config),
+                                   strengths=augment_lib.strengths_from_config(config),
                                    compute_dtype=config.get('compute_dtype', 'float32')))
   return Experiment(
       config=config, data=data, description=description, mesh=mesh, seed_key=seed_key,

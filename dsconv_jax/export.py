@@ -12,12 +12,18 @@ The ONNX model takes what the run was trained on and returns logits:
 The conversion goes through jax2onnx (no TensorFlow), tracing `model.apply` in evaluation mode
 with the weights the run evaluated (the EMA weights when it kept them), in float32. The model is
 built with depthwise convolutions in their grouped form (`layers.Options(depthwise='grouped')`),
-so that each is one ONNX `Conv` with `group` = its input channels; the export checks that the graph
-has them. jax2onnx writes the 1x1 convolutions as `Einsum` ('nhwc,cf->nhwf'); they are rewritten
-as the equivalent `MatMul`, which runtimes and quantizers know. Right after the conversion,
-onnxruntime's logits on the first 256 test images (all of them when there are fewer) are compared
-with JAX's: the largest difference is printed and must be below 1e-4, otherwise nothing is
-written and the command fails.
+so that each is one ONNX `Conv` with `group` = its input channels. jax2onnx writes the 1x1
+convolutions as `Einsum` ('nhwc,cf->nhwf'); they are rewritten as the equivalent `MatMul`, which
+runtimes and quantizers know, and the shapes of the intermediate values are inferred afresh
+(`infer_shapes_afresh`: jax2onnx's own go stale across its layout transposes).
+
+Checks, each printed as it runs: `onnx.checker.check_model` with its full check (an error, and
+nothing written, when it fails); an onnxruntime session opened at log level 0, whose warnings
+(captured from its C++ log) are printed; every grouped convolution of the traced model (found by
+its `feature_group_count`, whatever the layer is called) present as a grouped `Conv`; and
+onnxruntime's logits on the first 256 test images (all of them when there are fewer) against
+JAX's: the largest difference is printed and must be below 1e-4, otherwise nothing is written and
+the command fails. The int8 model gets the first two as well.
 
 `--int8` also writes a statically quantised model next to the float one (`<stem>.int8.onnx`, or
 `--int8_out`): onnxruntime's `quantize_static` in QDQ format, int8 weights per output channel and
@@ -34,8 +40,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import importlib
 import json
 import os
+import re
+import sys
 import tempfile
 from typing import Any, Sequence
 
@@ -67,18 +77,6 @@ def int8_path(out: str) -> str:
   """Where `--int8` writes by default: model.onnx -> model.int8.onnx."""
   stem, ext = os.path.splitext(out)
   return f'{stem}.int8{ext or ".onnx"}'
-
-
-def depthwise_channels(params) -> list[int]:
-  """The input channels of every depthwise kernel in `params` (Keras layout kh, kw, C, m)."""
-  import jax
-  channels = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [str(getattr(k, 'key', k)) for k in path]
-    if (keys[-1] == 'depthwise_kernel'
-        or (keys[-1] == 'kernel' and len(keys) > 1 and keys[-2].startswith('DepthwiseConv2D'))):
-      channels.append(int(leaf.shape[2]))
-  return channels
 
 
 def conv_groups(proto) -> list[int]:
@@ -114,6 +112,35 @@ def einsum_to_matmul(proto) -> int:
   return count
 
 
+# Flax's pooling functions, which jax2onnx replaces during a conversion by versions that take
+# the window only by keyword: `nn.max_pool(x, (2, 2))`, as Flax documents it, then fails with a
+# TypeError. The model is traced with Flax's own functions (their `lax.reduce_window` reaches
+# jax2onnx's lax plugins, which write the same ONNX pooling).
+_FLAX_POOLING = (('flax.linen', ('max_pool', 'avg_pool', 'min_pool', 'pool')),
+                 ('flax.nnx', ('max_pool', 'avg_pool', 'min_pool', 'pool')))
+
+
+@contextlib.contextmanager
+def _flax_pooling(originals: dict[tuple[Any, str], Any]):
+  """Puts Flax's pooling functions (as they were before jax2onnx patched them) back for a while."""
+  patched = {key: getattr(*key) for key in originals}
+  for (module, name), fn in originals.items():
+    setattr(module, name, fn)
+  try:
+    yield
+  finally:
+    for (module, name), fn in patched.items():
+      setattr(module, name, fn)
+
+
+def _pooling_functions() -> dict[tuple[Any, str], Any]:
+  found = {}
+  for module_name, names in _FLAX_POOLING:
+    module = importlib.import_module(module_name)
+    found.update({(module, n): getattr(module, n) for n in names if hasattr(module, n)})
+  return found
+
+
 def convert(run):
   """The run's model in float32 as an ONNX ModelProto (uint8 images in, logits out)."""
   import jax
@@ -123,18 +150,23 @@ def convert(run):
   from dsconv_jax import steps
 
   config = run.config.copy_and_resolve_references()
-  with config.unlocked():
-    config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
+  if models.declares(models.model_constructor(config.model), 'options'):
+    with config.unlocked():
+      config.depthwise_impl = 'grouped'  # One grouped Conv per depthwise layer in the graph.
   model = models.build_model(config, run.num_classes)
   mean, std = jnp.asarray(run.mean), jnp.asarray(run.std)
 
+  pooling = _pooling_functions()
+
   def logits(images):
-    return model.apply(run.variables, steps.preprocess(images, mean, std), train=False)
+    with _flax_pooling(pooling):
+      return model.apply(run.network_variables, steps.preprocess(images, mean, std), train=False)
 
   spec = jax.ShapeDtypeStruct(('batch', *run.image_shape), jnp.uint8)
   proto = jax2onnx.to_onnx(logits, [spec], model_name=f'dsconv_jax_{run.config.model}',
                            opset=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
   einsum_to_matmul(proto)
+  proto = infer_shapes_afresh(proto)
   h, w, c = run.image_shape
   proto.producer_name = 'dsconv_jax (jax2onnx)'
   proto.doc_string = (f'{run.config.model} trained by dsconv_jax ({run.workdir}, epoch '
@@ -162,28 +194,92 @@ def jax_logits(run, images: np.ndarray) -> np.ndarray:
   """JAX's float32 logits of the run's model as the run built it (its own depthwise form)."""
   import jax
   from dsconv_jax import steps
-  apply = jax.jit(lambda variables, x: run.model.apply(
+  apply = jax.jit(lambda variables, x: run.network.apply(
       variables, steps.preprocess(x, run.mean, run.std), train=False))
-  return np.asarray(apply(run.variables, images))
+  return np.asarray(apply(run.network_variables, images))
 
 
-def check_grouped(proto, params) -> list[int]:
-  """The groups of the depthwise Convs; a UserError when a depthwise layer has none."""
-  expected = collections.Counter(c for c in depthwise_channels(params))
+def infer_shapes_afresh(proto):
+  """`proto` with the shapes of its intermediate values inferred again by ONNX, from scratch.
+
+  jax2onnx records a value's shape as JAX saw it (NHWC) and may then move the value across its
+  layout transposes (NCHW), leaving the recorded shape stale: `onnx.checker`'s full check fails
+  on it and onnxruntime warns that it falls back to a lenient merge. Value infos are optional in
+  ONNX, so they are dropped and inferred again; an inconsistency left is reported by
+  `check_model`.
+  """
+  import onnx
+  del proto.graph.value_info[:]
+  return onnx.shape_inference.infer_shapes(proto, check_type=True, data_prop=True)
+
+
+def check_model(proto, what: str) -> str:
+  """`onnx.checker.check_model` with its full check (shape inference included); a UserError."""
+  import onnx
+  try:
+    onnx.checker.check_model(proto, full_check=True)
+  except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    first = str(e).strip().splitlines()[0]
+    raise UserError(f'the {what} ONNX model fails onnx.checker\'s full check ({first}); nothing '
+                    'was written') from None
+  return 'onnx.checker full check passed'
+
+
+def check_grouped(proto, expected: Sequence[int]) -> list[int]:
+  """`expected` (the groups of the model's grouped convolutions, as traced); a UserError when
+  the graph lacks a Conv with one of them."""
   found = collections.Counter(conv_groups(proto))
-  missing = expected - found
+  missing = collections.Counter(expected) - found
   if missing:
-    raise UserError(f'the ONNX graph lacks grouped convolutions for depthwise layers of '
-                    f'{", ".join(map(str, sorted(missing.elements())))} channels (Conv groups in '
-                    f'the graph: {sorted(found.elements())})')
-  return sorted(expected.elements())
+    raise UserError(f'the ONNX graph lacks grouped convolutions with group = '
+                    f'{", ".join(map(str, sorted(missing.elements())))} (Conv groups in the '
+                    f'graph: {sorted(found.elements())})')
+  return sorted(expected)
+
+
+# onnxruntime's log lines: '<time> [W:onnxruntime:, graph.cc:128 MergeShapeInfo] ...' (V, I, W, E
+# or F for verbose, info, warning, error, fatal), maybe inside terminal colour codes.
+_ORT_LOG = re.compile(r'\[([VIWEF]):onnxruntime')
 
 
 def session(model_bytes_or_path):
+  """An onnxruntime session on the CPU, and the lines it logged at warning level or above.
+
+  It opens at log severity 0 (everything) with the process's stderr captured at the file
+  descriptor (onnxruntime logs from C++); lines that are not onnxruntime's go back to stderr.
+  """
   import onnxruntime as ort
   options = ort.SessionOptions()
-  options.log_severity_level = 3  # Errors only: its warnings about unused initializers are noise.
-  return ort.InferenceSession(model_bytes_or_path, options, providers=['CPUExecutionProvider'])
+  options.log_severity_level = 0
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as captured:
+    saved = os.dup(2)
+    os.dup2(captured.fileno(), 2)
+    try:
+      sess = ort.InferenceSession(model_bytes_or_path, options,
+                                  providers=['CPUExecutionProvider'])
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    captured.seek(0)
+    lines = captured.read().decode(errors='replace').splitlines()
+  warnings = []
+  for line in lines:
+    match = _ORT_LOG.search(line)
+    if match is None:
+      print(line, file=sys.stderr)
+    elif match.group(1) in 'WEF':
+      warnings.append(re.sub(r'\x1b\[[0-9;]*m', '', line).strip())
+  return sess, warnings
+
+
+def session_check(warnings: Sequence[str], log) -> str:
+  """What the session's log says, for the list of checks; its warnings as `warning:` lines."""
+  for line in warnings:
+    log(f'warning: onnxruntime: {line}')
+  if warnings:
+    return f'onnxruntime session (log level 0) wrote {len(warnings)} warnings (shown above)'
+  return 'onnxruntime session (log level 0) wrote no warnings'
 
 
 def run_onnx(sess, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -241,6 +337,7 @@ def write_atomic(path: str, payload: bytes, flag: str) -> None:
 def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None = None,
            calibration_images: int = 256, log=print) -> dict[str, Any]:
   """Exports the run in `workdir` to `out` (and its int8 model); returns what it measured."""
+  from dsconv_jax import analysis
   from dsconv_jax import data as data_lib
   from dsconv_jax import inference
   int8_out = (int8_out or int8_path(out)) if int8 else None
@@ -255,17 +352,21 @@ def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None =
   test = dataset.test
 
   proto = convert(run)
-  groups = check_grouped(proto, run.variables['params'])
-  import onnx
-  onnx.checker.check_model(proto)
+  structure = analysis.parameter_structure(run.network, run.image_shape)
+  groups = check_grouped(proto, structure.grouped_convolutions())
+  checks = [check_model(proto, 'float32')]
   payload = proto.SerializeToString()
-  check = test.images[:CHECK_IMAGES]
-  difference = float(np.max(np.abs(run_onnx(session(payload), check) - jax_logits(run, check))))
   h, w, c = run.image_shape
   log(f'exported {run.workdir} ({run.config.model}, epoch {run.epoch}'
       f'{", EMA weights" if run.ema else ""}): input {INPUT_NAME} uint8 [batch, {h}, {w}, {c}] '
       f'NHWC, output {OUTPUT_NAME} float32 [batch, {run.num_classes}]')
-  log(f'depthwise convolutions as grouped Conv: group = {", ".join(map(str, groups))}')
+  float_session, warnings = session(payload)
+  checks.append(session_check(warnings, log))
+  checks.append('grouped convolutions as grouped Conv: '
+                + (f'group = {", ".join(map(str, groups))}' if groups else 'none in the model'))
+  log(f'checks (float32): {"; ".join(checks)}')
+  check = test.images[:CHECK_IMAGES]
+  difference = float(np.max(np.abs(run_onnx(float_session, check) - jax_logits(run, check))))
   log(f'onnxruntime vs JAX on {len(check)} test images: largest logit difference '
       f'{difference:.3g} (required < {TOLERANCE:g})')
   if not difference < TOLERANCE:
@@ -282,12 +383,17 @@ def export(workdir: str, out: str, *, int8: bool = False, int8_out: str | None =
                                                         len(dataset.train.labels)),
                                      int(run.config.get('data_seed', 0))).images
   quantized = quantize(payload, calibration)
-  accuracy = lambda model: float(np.mean(
-      run_onnx(session(model), test.images).argmax(-1) == test.labels))
-  float_accuracy, int8_accuracy = accuracy(payload), accuracy(quantized)
+  import onnx
+  int8_checks = [check_model(onnx.load_from_string(quantized), 'int8')]
+  int8_session, warnings = session(quantized)
+  int8_checks.append(session_check(warnings, log))
+  accuracy = lambda sess: float(np.mean(
+      run_onnx(sess, test.images).argmax(-1) == test.labels))
+  float_accuracy, int8_accuracy = accuracy(float_session), accuracy(int8_session)
   write_atomic(int8_out, quantized, '--int8_out')
   log(f'int8: static quantisation (QDQ; int8 weights per channel, uint8 activations), calibrated '
       f'on {len(calibration)} training images')
+  log(f'checks (int8): {"; ".join(int8_checks)}')
   log(f'\n| model | file | bytes | test accuracy ({len(test.labels)} images, onnxruntime) |\n'
       f'| --- | --- | ---: | ---: |\n'
       f'| float32 | {out} | {len(payload):,} | {100 * float_accuracy:.2f}% |\n'

@@ -12,6 +12,12 @@ the statistics recomputed for them (`eval_batch_stats.msgpack`, config.bn_recali
     run.class_names[probabilities.argmax(-1)[0]]
     images = run.load_images(['cat.jpg'])     # decoded and resized as training decoded its images
 
+`run.model` and `run.variables` are the model as its author wrote it: a Linen module and its
+variables dict ({'params', 'batch_stats'}), or for a Flax NNX model the trained `nnx.Module` (in
+evaluation mode) and its `nnx.State`. `run.network` and `run.network_variables` are the
+functional form the pipeline runs (`network.apply(network_variables, x, train=False)`), the same
+for every kind of model.
+
 Used by `python -m dsconv_jax.predict`, `dsconv_jax.evaluate` and `dsconv_jax.export`.
 """
 
@@ -27,16 +33,19 @@ import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dsconv_jax import analysis
 from dsconv_jax import checkpoint as checkpoint_lib
 from dsconv_jax import data as data_lib
 from dsconv_jax import experiment as experiment_lib
 from dsconv_jax import models
+from dsconv_jax import nnx_adapter
 from dsconv_jax import optim
 from dsconv_jax import steps
 from dsconv_jax.errors import UserError
@@ -56,13 +65,15 @@ class Run:
   image_shape: tuple[int, int, int]  # (height, width, channels) of the model's input.
   mean: np.ndarray  # float32 [channels]: the normalisation, in 0..255 units.
   std: np.ndarray
-  model: nn.Module  # Built as the run built it (its config's layer options).
-  variables: dict[str, Any]  # {'params', 'batch_stats'}: what the run evaluated (EMA or not).
+  # Built as the run built it (its config's layer options): `apply(variables, x, train=False)`.
+  network: Any
+  # {'params', 'batch_stats', ...}: what the run evaluated (EMA or not), as `network` takes them.
+  network_variables: dict[str, Any]
   epoch: int  # The epoch of the restored checkpoint: the run's last.
-  ema: bool  # Whether `variables['params']` are the exponential moving average.
+  ema: bool  # Whether the parameters are the exponential moving average.
 
   def __post_init__(self):
-    model, dtype = self.model, self.config.get('compute_dtype', 'float32')
+    model, dtype = self.network, self.config.get('compute_dtype', 'float32')
 
     def logits(variables, images, mean, std, tta_flip=False, tta_translate=0):
       # The run's evaluation (`steps.eval_logits`), in the run's compute dtype.
@@ -71,6 +82,7 @@ class Run:
       return steps.tta_logits(apply, x, tta_flip=tta_flip,
                               tta_translate=tta_translate).astype(jnp.float32)
 
+    self._nnx_module = None
     self._logits = jax.jit(logits, static_argnames=('tta_flip', 'tta_translate'))
     self._probabilities = jax.jit(lambda *args: jax.nn.softmax(logits(*args), axis=-1))
 
@@ -82,6 +94,23 @@ class Run:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def model(self) -> Any:
+    """The trained model as written: a Linen module (its weights in `variables`), or the trained
+    `nnx.Module` itself, in evaluation mode."""
+    if isinstance(self.network, nnx_adapter.NNXModel):
+      if self._nnx_module is None:
+        self._nnx_module = self.network.merge(self.network_variables, train=False)
+      return self._nnx_module
+    return self.network
+
+  @property
+  def variables(self) -> Any:
+    """The trained weights: Linen's variables dict, or the NNX model's `nnx.State`."""
+    if isinstance(self.network, nnx_adapter.NNXModel):
+      return nnx.state(self.model)
+    return self.network_variables
 
   def logits(self, images: np.ndarray, batch_size: int = 256, tta_flip: bool = False,
              tta_translate: int = 0) -> np.ndarray:
@@ -107,7 +136,7 @@ class Run:
     for start in range(0, n, size):
       chunk = images[start:start + size]
       # Padding rows are computed and dropped: evaluation-mode layers treat rows independently.
-      logits = fn(self.variables, steps.pad_rows(chunk, size), mean, std)
+      logits = fn(self.network_variables, steps.pad_rows(chunk, size), mean, std)
       out.append(np.asarray(logits)[:len(chunk)])
     return np.concatenate(out)
 
@@ -244,7 +273,8 @@ def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, image_sh
                    num_train_examples: int) -> steps.TrainState:
   """The shapes and dtypes of the run's train state, as `experiment.init_state` builds it."""
   steps_per_epoch = max(1, num_train_examples // int(config.batch_size))
-  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch))
+  tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch),
+                              analysis.batch_norm_biases(model, image_shape))
   create = functools.partial(steps.create_train_state, model, image_shape=tuple(image_shape),
                              tx=tx, ema=bool(experiment_lib.ema_decay_of(config)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -302,12 +332,13 @@ def load_run(workdir: str) -> Run:
     # The statistics the run evaluated with (PreciseBN, config.bn_recalibrate_batches).
     with open(eval_stats, 'rb') as f:
       batch_stats = flax.serialization.from_bytes(jax.device_get(batch_stats), f.read())
-  variables = {'params': state.ema_params if ema else state.params, 'batch_stats': batch_stats}
+  variables = {'params': state.ema_params if ema else state.params, 'batch_stats': batch_stats,
+               **(state.model_state or {})}
   return Run(workdir=workdir, config=config, summary=summary, class_names=list(class_names),
              image_shape=image_shape,
              mean=np.asarray(normalization['mean'], np.float32),
-             std=np.asarray(normalization['std'], np.float32), model=model, variables=variables,
-             epoch=int(epoch), ema=ema)
+             std=np.asarray(normalization['std'], np.float32), network=model,
+             network_variables=variables, epoch=int(epoch), ema=ema)
 
 
 def check_writable(path: str, flag: str) -> None:

@@ -21,7 +21,8 @@ Model 3's compiled CPU epoch the shifted form trains about 80x faster than the g
 accelerators. Here 'auto' emits 'shifted' on CPU and 'grouped' elsewhere; training then puts
 every model's depthwise convolutions, these layers' included, in the form timed faster on an
 accelerator (`dsconv_jax.fast_forms`: on an H200 the shifted form trained DS-ResNet 1.26x faster
-than grouped, results/gpu-h200-dsresnet-bench).
+than grouped, results/gpu-h200-dsresnet-bench). `python -m dsconv_jax.throughput` times both
+forms of a model on the device at hand (BENCHMARKS.md).
 
 Pointwise convolution, tiled max pooling and the stride-1 shifted depthwise form use the
 hand-written gradients of `dsconv_jax.fast_grads` (for speed on XLA's CPU backend), and dropout
@@ -90,8 +91,10 @@ class Options:
   config for models that declare the field.
 
   depthwise: 'auto' (shifted on CPU, grouped elsewhere), 'grouped' or 'shifted'.
-  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s masks,
-    what runs drew before 'hash' existed); the masks differ, their distribution does not.
+
+  dropout: 'hash' (counter-hash masks, fused into the step) or 'threefry' (`nn.Dropout`'s
+    masks); the masks differ, their distribution does not.
+
   batch_norm_axis: the `jax.pmap` axis name over which BatchNorm averages its batch statistics in
     training; None under `jit` with a sharded batch, where XLA already computes them globally.
   """
@@ -157,6 +160,7 @@ class DepthwiseConv2D(Layer):
   dilation: int | Sequence[int] = 1
   use_bias: bool = True
   kernel_init: Callable[..., Any] = glorot_uniform
+  bias_init: Callable[..., Any] = zeros
   options: Options = Options()
 
   @nn.compact
@@ -168,7 +172,7 @@ class DepthwiseConv2D(Layer):
                        padding=_padding(self.padding), dilation=_pair(self.dilation),
                        impl=self.options.depthwise)
     if self.use_bias:
-      y = y + self.param('bias', zeros, (c * self.depth_multiplier,)).astype(y.dtype)
+      y = y + self.param('bias', self.bias_init, (c * self.depth_multiplier,)).astype(y.dtype)
     return y
 
 
@@ -193,13 +197,15 @@ class PointwiseConv2D(Layer):
   """A 1x1 convolution mixing channels: C * F (+ F) parameters."""
   features: int
   use_bias: bool = True
+  kernel_init: Callable[..., Any] = glorot_uniform  # Of the (1, 1, C, F) kernel.
+  bias_init: Callable[..., Any] = zeros
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    kernel = self.param('kernel', glorot_uniform, (1, 1, x.shape[-1], self.features))
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
     y = pointwise_conv(x, kernel[0, 0].astype(x.dtype))
     if self.use_bias:
-      y = y + self.param('bias', zeros, (self.features,)).astype(y.dtype)
+      y = y + self.param('bias', self.bias_init, (self.features,)).astype(y.dtype)
     return y
 
 
@@ -386,29 +392,47 @@ class Flatten(Layer):
     return x.reshape(x.shape[0], -1)
 
 
-def dirac_init(params: Any) -> Any:
+def dirac_init(params: Any, convolutions: Sequence[Any]) -> Any:
   """Identity (Dirac) initialisation of the convolutions, airbench's form for separable layers.
 
   airbench overwrites the first C_in filters of each C_in -> C_out convolution with the
   identity, so that every layer starts by passing its input through (plus random filters for
-  the rest). Here: a kernel (kh, kw, C_in, C_out) with C_out >= C_in (pointwise or full) has its
-  first C_in filters set to the centre-tap identity; a depthwise kernel (a module named
-  *Depthwise*, kernel (kh, kw, C, multiplier)) has the filters of its first half of channels set
-  to the centre tap; narrowing kernels (C_out < C_in, such as the classes layer) keep their
-  random initialisation.
+  the rest). `convolutions` says which parameters are kernels and how each convolution uses its
+  own (`dsconv_jax.analysis.parameter_structure(...).convolutions`: groups, channels, and the
+  kernel in (kh, kw, C_in / groups, C_out) layout and back), so that a kernel is found by what it
+  computes, whatever its name. In that layout:
+
+  * depthwise (one input channel per group, any depth multiplier): every filter of the first
+    half of the channels is the centre tap, the rest keep their random initialisation;
+  * otherwise, in each group, when it widens (C_out >= C_in per group, pointwise or full), its
+    first C_in filters are the centre-tap identity; narrowing convolutions (C_out < C_in, such as
+    the classes layer) keep their random initialisation.
+
+  Kernels reached through computations other than views (reshapes, casts) are left alone.
   """
+  new = {}
+  for conv in convolutions:
+    if conv.path is None or conv.to_hwio is None or len(conv.kernel_size) != 2:
+      continue
+    kernel = params
+    for key in conv.path:
+      kernel = kernel[key]
+    w = conv.to_hwio(kernel)
+    kh, kw, per_group, c_out = w.shape
+    delta = jnp.zeros((kh, kw), w.dtype).at[kh // 2, kw // 2].set(1)
+    out_per_group = c_out // conv.groups
+    if conv.groups > 1 and per_group == 1:
+      w = w.at[:, :, 0, :(conv.in_channels // 2) * out_per_group].set(delta[:, :, None])
+    elif out_per_group >= per_group:
+      identity = delta[:, :, None, None] * jnp.eye(per_group, dtype=w.dtype)[None, None]
+      for g in range(conv.groups):
+        start = g * out_per_group
+        w = w.at[:, :, :, start:start + per_group].set(identity)
+    else:
+      continue
+    new.setdefault(tuple(conv.path), conv.from_hwio(w).astype(kernel.dtype))
+
   def init(path, p):
-    names = [str(getattr(k, 'key', k)) for k in path]
-    if names[-1] != 'kernel' or jnp.ndim(p) != 4:
-      return p
-    kh, kw = p.shape[:2]
-    delta = jnp.zeros((kh, kw), p.dtype).at[kh // 2, kw // 2].set(1)
-    if any('depthwise' in n.lower() for n in names[:-1]):
-      return p.at[:, :, :p.shape[2] // 2, :].set(delta[:, :, None, None])
-    c_in, c_out = p.shape[2:]
-    if c_out < c_in:
-      return p
-    identity = delta[:, :, None, None] * jnp.eye(c_in, dtype=p.dtype)[None, None]
-    return p.at[:, :, :, :c_in].set(identity)
+    return new.get(tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path), p)
 
   return jax.tree_util.tree_map_with_path(init, params)

@@ -6,7 +6,16 @@ Parameter counts are the Keras counts (BatchNorm moving statistics included as n
 `config.model` takes three forms (`build_model`): a name from `MODELS`; 'sequential', a model
 written in the config file as Keras layer calls (`config.layers`, `dsconv_jax.sequential`); or an
 import path 'package.module:Class' naming any `flax.linen.Module` (importable from the working
-directory, or installed), called as `module(images, train=...)` and returning logits.
+directory, or installed), called as `module(images, train=...)` and returning logits, or any
+`flax.nnx.Module` class, constructed with `rngs=` and called as `module(images)` in the mode
+`model.train()` / `model.eval()` set (`dsconv_jax.nnx_adapter` gives it a Linen module's
+`init`/`apply`).
+
+The configuration's model options (`MODEL_OPTIONS`) reach every model: a model that declares the
+option as a field (a constructor argument for NNX) gets it as one; otherwise `config.bn_momentum`
+and `config.bn_epsilon` are set on each of its BatchNorm layers, and a layer-form option
+(`config.depthwise_impl`, `config.dropout_impl`) set to anything but its default stops the run
+with one line saying why. Their defaults mean "the model's own value".
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from dsconv_jax import nnx_adapter
 from dsconv_jax import sequential
 from dsconv_jax.errors import UserError
 from dsconv_jax.layers import (Activation, BatchNorm, Conv2D, Dense, DepthwiseConv2D, Dropout,
@@ -119,6 +130,19 @@ class Separable80k(nn.Module):
 DEPTHWISE_NORMS = ('', 'bn', 'bn_act')  # DSResNet.depthwise_norm's values.
 
 
+def parse_kernel_mix(spec: str) -> tuple[tuple[int, int], ...]:
+  """DSResNet.kernel_mix, e.g. '3,7,7d3', as ((kernel, dilation), ...); '' is ()."""
+  groups = []
+  for token in (t.strip() for t in (spec or '').split(',') if t.strip()):
+    kernel, _, dilation = token.partition('d')
+    if not (kernel.isdigit() and int(kernel) % 2 == 1 and (not dilation or dilation.isdigit())
+            and int(dilation or 1) >= 1):
+      raise UserError(f'config.model_kwargs.kernel_mix={spec!r}: {token!r} is not an odd kernel '
+                      "size with an optional dilation (such as '5' or '7d3')")
+    groups.append((int(kernel), int(dilation or 1)))
+  return tuple(groups)
+
+
 class DSResNet(nn.Module):
   """This project's model under the source rules: a depthwise-separable ResNet, pool-often.
 
@@ -143,6 +167,13 @@ class DSResNet(nn.Module):
   the input with no activation after the add (the linear bottleneck). Its depthwise filters work
   in the wide space, and there is one per block instead of two.
 
+  `dilation` spaces the taps of every depthwise filter after the stem (the stem keeps
+  `kernel_size` undilated, so that the first layer sees neighbouring pixels): a 3x3 filter with
+  dilation 2 spans 5x5 for the same 9 parameters a channel. `kernel_mix` (e.g. '3,7,7d3') splits
+  the channels of each of those depthwise convolutions into as many near-equal groups, each with
+  its own kernel size and dilation (MixConv, Tan and Le 2019; xvel/cifar10-tiniest's blocks mix
+  3x3, 7x7 and 7x7 with dilation 3 the same way); '' uses `kernel_size` and `dilation`.
+
   `depthwise_norm` chooses what sits between the depthwise and the pointwise half of every
   depthwise-separable convolution (stem, transitions, basic blocks): '' nothing (Keras'
   SeparableConv2D, the sources' layer; Xception found no nonlinearity there best), 'bn' a
@@ -159,6 +190,8 @@ class DSResNet(nn.Module):
   # 0: the basic block (two depthwise-separable convs); t >= 1: inverted residual, expansion t.
   expansion: int = 0
   depthwise_norm: str = ''  # '', 'bn' or 'bn_act' between depthwise and pointwise (see above).
+  dilation: int = 1  # Of every depthwise filter after the stem.
+  kernel_mix: str = ''  # Channel groups with their own kernel and dilation, e.g. '3,7,7d3'.
   dropout_rate: float = 0.0
   # Keras' 0.99 leaves the moving statistics mostly at their initial values for the first few
   # hundred steps (0.99^100 = 0.37), so short runs evaluate at chance; 0.9 (PyTorch's default)
@@ -180,6 +213,11 @@ class DSResNet(nn.Module):
     if self.depthwise_norm not in DEPTHWISE_NORMS:
       raise UserError("config.model_kwargs.depthwise_norm must be one of '', 'bn' or 'bn_act' "
                       f'(what sits between depthwise and pointwise), got {self.depthwise_norm!r}')
+    if (not isinstance(self.dilation, int) or isinstance(self.dilation, bool)
+        or self.dilation < 1):
+      raise UserError(f'config.model_kwargs.dilation must be an integer >= 1, got '
+                      f'{self.dilation!r}')
+    parse_kernel_mix(self.kernel_mix)
     super().__post_init__()
 
   @nn.compact
@@ -190,9 +228,25 @@ class DSResNet(nn.Module):
       return BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                        options=self.options)(x, train)
 
-    def ds_conv(x, features, depth_multiplier=1):
-      x = DepthwiseConv2D(self.kernel_size, depth_multiplier=depth_multiplier, padding='same',
-                          use_bias=False, options=self.options)(x, train)
+    def depthwise(x):
+      """Every depthwise convolution after the stem: one, or one per channel group."""
+      mix = parse_kernel_mix(self.kernel_mix) or ((self.kernel_size, self.dilation),)
+      conv = lambda x, k, d: DepthwiseConv2D(k, padding='same', dilation=d, use_bias=False,
+                                             options=self.options)(x, train)
+      if len(mix) == 1:
+        return conv(x, *mix[0])
+      c, n = x.shape[-1], len(mix)
+      bounds = [c * i // n for i in range(1, n)]
+      return jnp.concatenate([conv(part, k, d) for part, (k, d) in
+                              zip(jnp.split(x, bounds, axis=-1), mix) if part.shape[-1]],
+                             axis=-1)  # A group can be empty at the narrowest widths.
+
+    def ds_conv(x, features, stem=False):
+      if stem:
+        x = DepthwiseConv2D(self.kernel_size, depth_multiplier=self.stem_multiplier,
+                            padding='same', use_bias=False, options=self.options)(x, train)
+      else:
+        x = depthwise(x)
       if self.depthwise_norm:
         x = bn(x)
       if self.depthwise_norm == 'bn_act':
@@ -207,12 +261,11 @@ class DSResNet(nn.Module):
     def inverted_residual_block(x, features):
       act = lambda y: Activation(self.activation)(y, train)
       y = act(bn(PointwiseConv2D(features * self.expansion, use_bias=False)(x, train)))
-      y = act(bn(DepthwiseConv2D(self.kernel_size, padding='same', use_bias=False,
-                                 options=self.options)(y, train)))
+      y = act(bn(depthwise(y)))
       return x + bn(PointwiseConv2D(features, use_bias=False)(y, train))
 
     block = inverted_residual_block if self.expansion else residual_block
-    x = ds_conv(x, widths[0], depth_multiplier=self.stem_multiplier)
+    x = ds_conv(x, widths[0], stem=True)
     x = Activation(self.activation)(bn(x), train)
     for stage, (features, n_blocks) in enumerate(zip(widths, self.blocks)):
       if stage:
@@ -290,10 +343,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 SEQUENTIAL = 'sequential'  # config.model for a model written as config.layers.
 
+# The model options of the configuration: every model gets them (see the module docstring).
+# Layer-form options and their defaults, which leave each model its own forms.
+LAYER_FORM_DEFAULTS = {'depthwise_impl': 'auto', 'dropout_impl': 'hash'}
+MODEL_OPTIONS = ('bn_momentum', 'bn_epsilon', *LAYER_FORM_DEFAULTS)
 
-def model_constructor(name: str) -> Callable[..., nn.Module]:
+
+def model_constructor(name: str) -> Callable[..., Any]:
   """The constructor behind a `config.model` value: a built-in model, `sequential.Sequential`,
-  or the `flax.linen.Module` class of an import path 'package.module:Class'."""
+  or the `flax.linen.Module` or `flax.nnx.Module` class of an import path 'package.module:Class'."""
   if name in MODELS:
     return MODELS[name]
   if name == SEQUENTIAL:
@@ -302,11 +360,12 @@ def model_constructor(name: str) -> Callable[..., nn.Module]:
     return import_model_class(name)
   raise UserError(f'unknown model {name!r}; known models: {", ".join(sorted(MODELS))}; or '
                   f"'{SEQUENTIAL}' with config.layers, or an import path 'package.module:Class' "
-                  'of a flax.linen.Module')
+                  'of a flax.linen.Module or flax.nnx.Module')
 
 
-def import_model_class(path: str) -> type[nn.Module]:
-  """The `flax.linen.Module` class named by 'package.module:Class' (UserError if it is not one).
+def import_model_class(path: str) -> type:
+  """The `flax.linen.Module` or `flax.nnx.Module` class named by 'package.module:Class'
+  (UserError if it is neither).
 
   The module is imported as Python would from the working directory (which is put on `sys.path`
   when missing: an entry point run as a console script does not have it) or from the installed
@@ -338,25 +397,43 @@ def import_model_class(path: str) -> type[nn.Module]:
       where = getattr(module, '__file__', None) or module_name
       raise UserError(f'config.model={path!r}: module {module_name!r} ({where}) has no {attr!r}')
     obj = getattr(obj, part)
-  if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+  if not (isinstance(obj, type) and issubclass(obj, nn.Module)) and not nnx_adapter.is_nnx_class(
+      obj):
     raise UserError(f'config.model={path!r} names {type(obj).__name__} {obj!r}, not a '
-                    'flax.linen.Module class')
+                    'flax.linen.Module or flax.nnx.Module class')
   return obj
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-  """Builds model `name` (any `config.model` form) with keyword overrides (num_classes, ...)."""
+def create_model(name: str, **kwargs: Any) -> Any:
+  """Builds model `name` (any `config.model` form) with keyword overrides (num_classes, ...).
+
+  An NNX class comes back as an `nnx_adapter.NNXModel` (a Linen module's `init` and `apply`).
+  """
   make = model_constructor(name)
+  if nnx_adapter.is_nnx_class(make):
+    return nnx_adapter.NNXModel(make, kwargs, name=name)
   try:
     return make(**kwargs)
   except TypeError as e:
     raise UserError(f'bad model_kwargs for model {name!r}: {e}') from None
 
 
-def declares(make: Callable[..., nn.Module], field: str) -> bool:
-  """Whether the module class behind `make` (a class or a partial of one) has field `field`."""
+def module_class(model: Any) -> type:
+  """The class the user (or this package) wrote behind a built model (an adapter's inner one)."""
+  if isinstance(model, nnx_adapter.NNXModel):
+    return model.cls
+  if isinstance(model, BatchNormOverride):
+    return module_class(model.module)
+  return type(model)
+
+
+def declares(make: Callable[..., Any], field: str) -> bool:
+  """Whether the module class behind `make` (a class or a partial of one) has field `field` (an
+  NNX class: a constructor argument)."""
   while isinstance(make, functools.partial):
     make = make.func
+  if nnx_adapter.is_nnx_class(make):
+    return field in nnx_adapter.constructor_defaults(make)
   return dataclasses.is_dataclass(make) and any(f.name == field for f in dataclasses.fields(make))
 
 
@@ -372,11 +449,16 @@ def kwargs_with_defaults(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
   plain = lambda v: (isinstance(v, (int, float, str, bool)) or
                      (isinstance(v, tuple) and all(isinstance(x, (int, float, str)) for x in v)))
   out = dict(kwargs)
-  if dataclasses.is_dataclass(make):
-    for f in dataclasses.fields(make):
-      if (f.name not in out and f.name not in ('parent', 'name')
-          and f.default is not dataclasses.MISSING and plain(f.default)):
-        out[f.name] = f.default
+  if nnx_adapter.is_nnx_class(make):
+    defaults = nnx_adapter.constructor_defaults(make)
+  elif dataclasses.is_dataclass(make):
+    defaults = {f.name: f.default for f in dataclasses.fields(make)
+                if f.name not in ('parent', 'name')}
+  else:
+    defaults = {}
+  for field, default in defaults.items():
+    if field not in out and plain(default):
+      out[field] = default
   return out
 
 
@@ -390,30 +472,77 @@ def options_from_config(config) -> Options:
 
 
 def batch_norm_from_config(config) -> dict[str, float]:
-  """{'bn_momentum': ..., 'bn_epsilon': ...} from the config (the keys it has), checked."""
+  """{'bn_momentum': ..., 'bn_epsilon': ...} from the config (the keys it sets: None, the default,
+  leaves each model its own value), checked."""
   number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
   out = {}
   momentum, epsilon = config.get('bn_momentum', None), config.get('bn_epsilon', None)
   if momentum is not None:
     if not number(momentum) or not 0 <= momentum <= 1:
-      raise UserError(f'config.bn_momentum must be a number in [0, 1], got {momentum!r}')
+      raise UserError(f'config.bn_momentum must be a number in [0, 1] (or None: the model\'s '
+                      f'own), got {momentum!r}')
     out['bn_momentum'] = float(momentum)
   if epsilon is not None:
     if not number(epsilon) or not epsilon > 0:
-      raise UserError(f'config.bn_epsilon must be a positive number, got {epsilon!r}')
+      raise UserError(f'config.bn_epsilon must be a positive number (or None: the model\'s own), '
+                      f'got {epsilon!r}')
     out['bn_epsilon'] = float(epsilon)
   return out
 
 
-def build_model(config, num_classes: int) -> nn.Module:
+@dataclasses.dataclass(frozen=True)
+class BatchNormOverride:
+  """A Linen module whose every `flax.linen.BatchNorm` runs with the configuration's momentum
+  and/or epsilon (None: its own), for a module that declares no bn_momentum / bn_epsilon field.
+
+  It has the module's `init`, `apply` and `clone` (parameters and their names are the module's
+  own); other attributes are the module's. The values are set on each BatchNorm when it is called
+  (`flax.linen.intercept_methods`): Linen creates those layers inside the module's own code, so
+  there is no constructor argument to give them.
+  """
+  module: nn.Module
+  bn_momentum: float | None = None
+  bn_epsilon: float | None = None
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return getattr(self.module, name)
+
+  def _override(self, next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.BatchNorm) and context.method_name == '__call__':
+      # A BatchNorm instance lives for one trace of the module; its fields are plain attributes.
+      if self.bn_momentum is not None:
+        object.__setattr__(module, 'momentum', self.bn_momentum)
+      if self.bn_epsilon is not None:
+        object.__setattr__(module, 'epsilon', self.bn_epsilon)
+    return next_fun(*args, **kwargs)
+
+  def init(self, *args, **kwargs):
+    with nn.intercept_methods(self._override):
+      return self.module.init(*args, **kwargs)
+
+  def apply(self, *args, **kwargs):
+    with nn.intercept_methods(self._override):
+      return self.module.apply(*args, **kwargs)
+
+  def clone(self, **overrides: Any) -> 'BatchNormOverride':
+    return dataclasses.replace(self, module=self.module.clone(**overrides))
+
+
+def build_model(config, num_classes: int) -> Any:
   """The model of `config`: `config.model` built with `config.model_kwargs` for `num_classes`.
 
   `config.model` is a built-in name (`MODELS`), 'sequential' (the model of `config.layers`,
-  `dsconv_jax.sequential`), or an import path 'package.module:Class' of a `flax.linen.Module`.
-  Each of `num_classes`, the implementation `options` (config.depthwise_impl, dropout_impl) and
-  `bn_momentum`/`bn_epsilon` (config.bn_momentum, bn_epsilon) goes only to a model that declares
-  that field, and never replaces a value given in model_kwargs; `width_multiplier` comes only
-  from model_kwargs (where `config.fit_params` puts it, `dsconv_jax.budget`).
+  `dsconv_jax.sequential`), or an import path 'package.module:Class' of a `flax.linen.Module`
+  or a `flax.nnx.Module` (built as an `nnx_adapter.NNXModel`). Each of `num_classes`, the
+  implementation `options` (config.depthwise_impl, dropout_impl) and `bn_momentum`/`bn_epsilon`
+  (config.bn_momentum, bn_epsilon) goes to a model that declares that field, and never replaces a
+  value given in model_kwargs; a model that does not declare them gets `bn_momentum`/`bn_epsilon`
+  on each BatchNorm layer, and a UserError for a layer-form option set away from its default.
+  `width_multiplier` comes only from model_kwargs (where `config.fit_params` puts it,
+  `dsconv_jax.budget`).
   """
   name = config.model
   make = model_constructor(name)
@@ -424,9 +553,23 @@ def build_model(config, num_classes: int) -> nn.Module:
   elif layers:
     raise UserError(f"config.layers is only read by config.model = '{SEQUENTIAL}'; config.model "
                     f'is {name!r} (set config.layers = () or config.model = \'{SEQUENTIAL}\')')
+  batch_norm = batch_norm_from_config(config)
   provided = {'num_classes': lambda: num_classes, 'options': lambda: options_from_config(config),
-              **{k: (lambda v=v: v) for k, v in batch_norm_from_config(config).items()}}
+              **{k: (lambda v=v: v) for k, v in batch_norm.items()}}
   for field, value in provided.items():
     if field not in kwargs and declares(make, field):
       kwargs[field] = value()
-  return create_model(name, **kwargs)
+  if not declares(make, 'options'):
+    options_from_config(config)  # Checks the values first.
+    for key, default in LAYER_FORM_DEFAULTS.items():
+      value = config.get(key, default)
+      if value != default:
+        raise UserError(
+            f'config.{key}={value!r} cannot reach model {name!r}: its module declares no '
+            '`options` field (dsconv_jax.layers.Options), so its layers keep their own forms; '
+            f'leave config.{key} at {default!r} (the model\'s own form)')
+  override = {k: v for k, v in batch_norm.items() if not declares(make, k)}
+  if nnx_adapter.is_nnx_class(make):
+    return nnx_adapter.NNXModel(make, kwargs, name=name, **override)
+  model = create_model(name, **kwargs)
+  return BatchNormOverride(model, **override) if override else model

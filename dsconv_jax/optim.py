@@ -21,7 +21,11 @@ Schedule = Callable[[jax.Array | int], jax.Array]
 
 
 PER_EPOCH_SCHEDULES = ('inverse_time', 'constant')
-PER_STEP_SCHEDULES = ('cosine', 'onecycle')
+PER_STEP_SCHEDULES = ('cosine', 'onecycle', 'cosine_onecycle')
+# 'cosine_onecycle' starts at learning_rate / this (PyTorch's OneCycleLR default div_factor).
+ONECYCLE_DIV_FACTOR = 25.0
+# config.weight_decay_params: which parameters weight decay shrinks.
+WEIGHT_DECAY_PARAMS = ('kernels', 'all')
 
 
 def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], float]:
@@ -30,7 +34,7 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], flo
   'inverse_time' is source 000's `LearningRateScheduler(lambda epoch, lr: lr0 / (1 + decay *
   epoch))` with Keras' 0-based epoch: lr(1) = lr0, lr(2) = lr0 / (1 + decay), ... and, like the
   other per-epoch kind 'constant', holds within an epoch. The per-step kinds ('cosine',
-  'onecycle', see `create_schedule`) change every step; lr(epoch) then reports their value at the
+  'onecycle', 'cosine_onecycle', see `create_schedule`) change every step; lr(epoch) then reports their value at the
   epoch's first step, which is what metrics.jsonl's `learning_rate` shows.
   """
   lr0 = float(config.learning_rate)
@@ -50,11 +54,16 @@ def create_learning_rate_fn(config, steps_per_epoch: int) -> Callable[[int], flo
 
 
 def _per_step_schedule(config, steps_per_epoch: int) -> Schedule:
-  """'cosine' or 'onecycle' with a linear warm-up over `config.warmup_epochs`, to 0 at the end.
+  """'cosine' or 'onecycle' with a linear warm-up over `config.warmup_epochs`, to 0 at the end;
+  or 'cosine_onecycle'.
 
   optax's own schedules, joined: warm-up lr0 * (step + 1) / warmup_steps (so that no step trains
   at lr 0), then `optax.cosine_decay_schedule` ('cosine') or `optax.linear_schedule` to 0
   ('onecycle', the triangular one-cycle of airbench) over the remaining steps.
+  'cosine_onecycle' is PyTorch's OneCycleLR with anneal_strategy='cos' (xvel/cifar10-tiniest's):
+  a cosine from lr0 / 25 up to lr0 over the warm-up, then a cosine down to
+  `config.final_learning_rate` at the end (`optax.piecewise_interpolate_schedule`, which
+  `optax.cosine_onecycle_schedule` is built on; that one cannot end at 0).
   """
   lr0 = float(config.learning_rate)
   total = max(1, int(config.num_epochs) * steps_per_epoch)
@@ -62,6 +71,14 @@ def _per_step_schedule(config, steps_per_epoch: int) -> Schedule:
   if warmup < 0:
     raise UserError(f'config.warmup_epochs must be >= 0, got {warmup}')
   warmup_steps = min(int(round(warmup * steps_per_epoch)), total - 1)
+  if config.lr_schedule == 'cosine_onecycle':
+    final = config.get('final_learning_rate', 0.0) or 0.0
+    if not isinstance(final, (int, float)) or isinstance(final, bool) or not 0 <= final <= lr0:
+      raise UserError('config.final_learning_rate must be a number in [0, learning_rate], got '
+                      f'{final!r}')
+    start = lr0 / ONECYCLE_DIV_FACTOR
+    return optax.piecewise_interpolate_schedule(
+        'cosine', start, {warmup_steps: ONECYCLE_DIV_FACTOR, total: float(final) / lr0})
   decay_steps = max(1, total - warmup_steps)
   if config.lr_schedule == 'cosine':
     decay = optax.cosine_decay_schedule(lr0, decay_steps)
@@ -136,9 +153,19 @@ def _sgd(config, schedule: Schedule) -> optax.GradientTransformation:
                    nesterov=bool(config.get('nesterov', False)))
 
 
+def weight_decay_mask(config) -> Callable[[Any], Any] | None:
+  """The mask of config.weight_decay_params: 'kernels' (`decay_mask`) or 'all' (None: every
+  parameter, as PyTorch's AdamW decays them unless told otherwise)."""
+  which = config.get('weight_decay_params', 'kernels')
+  if which not in WEIGHT_DECAY_PARAMS:
+    raise UserError(f'config.weight_decay_params must be one of {", ".join(WEIGHT_DECAY_PARAMS)}, '
+                    f'got {which!r}')
+  return decay_mask if which == 'kernels' else None
+
+
 def _adamw(config, schedule: Schedule) -> optax.GradientTransformation:
   return optax.adamw(schedule, weight_decay=float(config.get('weight_decay', 0.0) or 0.0),
-                     mask=decay_mask)
+                     mask=weight_decay_mask(config))
 
 
 # config.optimizer -> (config, per-step schedule) -> transformation, before weight decay.
@@ -152,24 +179,25 @@ OPTIMIZERS: dict[str, Callable[[Any, Schedule], optax.GradientTransformation]] =
 DECOUPLED_DECAY = ('adamw',)
 
 
-def batch_norm_bias_mask(params) -> Any:
-  """True for BatchNorm biases (shifts): leaves named 'bias' under a module whose name holds
-  'batchnorm' or 'batch_normalization' (any case), as flax, this project and Keras name them."""
-  def is_bn_bias(path, _):
-    names = [str(getattr(k, 'key', k)).lower() for k in path]
-    return names[-1] == 'bias' and any('batchnorm' in n or 'batch_normalization' in n
-                                       for n in names[:-1])
-  return jax.tree_util.tree_map_with_path(is_bn_bias, params)
+def _biases_not_given(params) -> Any:
+  raise ValueError('config.bn_bias_lr_multiplier needs the model\'s BatchNorm biases: pass '
+                   'create_optimizer(..., batch_norm_biases=analysis.batch_norm_biases(model, '
+                   'image_shape))')
 
 
-def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation:
+def create_optimizer(config, schedule: Schedule,
+                     batch_norm_biases: Callable[[Any], Any] | None = None
+                     ) -> optax.GradientTransformation:
   """The optimizer named by `config.optimizer` (a key of `OPTIMIZERS`).
 
-  `config.weight_decay` (0 = off) skips BatchNorm parameters and biases (`decay_mask`). For
+  `config.weight_decay` (0 = off) skips BatchNorm parameters and biases (`decay_mask`; every
+  parameter with config.weight_decay_params='all'). For
   'adamw' it is decoupled (optax.adamw: wd * lr * param); for the others it is added to the
   gradient before the optimizer (L2, the classic SGD form). `config.bn_bias_lr_multiplier`
   (1 = off) scales the updates of BatchNorm biases, i.e. their learning rate (airbench trains
-  them at a much higher rate than the kernels).
+  them at a much higher rate than the kernels); `batch_norm_biases` (params -> a tree of bools,
+  called when the optimizer is initialised) says which they are, found by what the model
+  computes (`analysis.batch_norm_biases`). It is needed only to initialise such an optimizer.
   """
   name = config.optimizer
   wd = float(config.get('weight_decay', 0.0) or 0.0)
@@ -182,7 +210,8 @@ def create_optimizer(config, schedule: Schedule) -> optax.GradientTransformation
     raise UserError(f'config.bn_bias_lr_multiplier must be > 0, got {bias_lr}')
   tx = OPTIMIZERS[name](config, schedule)
   if wd and name not in DECOUPLED_DECAY:
-    tx = optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), tx)
+    tx = optax.chain(optax.add_decayed_weights(wd, mask=weight_decay_mask(config)), tx)
   if bias_lr != 1.0:
-    tx = optax.chain(tx, optax.masked(optax.scale(bias_lr), batch_norm_bias_mask))
+    tx = optax.chain(tx, optax.masked(optax.scale(bias_lr),
+                                      batch_norm_biases or _biases_not_given))
   return tx

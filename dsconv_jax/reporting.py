@@ -103,9 +103,9 @@ def late_dip(rows: Sequence[dict[str, Any]], fraction: float = 1 / 3) -> float |
   """How far (in accuracy, 0..1) validation accuracy falls in the last `fraction` of a run's
   epochs below the best it reached before each of them; 0 for a curve that never sags there.
 
-  Issue 16's 50-epoch DS-ResNet fell from 83.66% to 72.8% over epochs 39-45 (a dip of 0.109)
-  because its EMA weights were evaluated with other weights' BatchNorm statistics; None for runs
-  of fewer than 3 epochs.
+  A run whose evaluated weights meet BatchNorm statistics of other weights (an EMA without
+  recomputed statistics) sags there as the learning rate decays; None for runs of fewer than 3
+  epochs.
   """
   values = [r['val_accuracy'] for r in rows]
   if len(values) < 3:
@@ -121,8 +121,8 @@ def late_dip(rows: Sequence[dict[str, Any]], fraction: float = 1 / 3) -> float |
 def first_epoch_reaching(rows: Sequence[dict[str, Any]], accuracy: float) -> int | None:
   """The first epoch whose validation accuracy is at least `accuracy` (0..1), or None if none is.
 
-  The question source 000 asks of a model ("beats the baseline's 82.93% within 50 epochs") and
-  issue 16 asks of every long run: when did it first pass a given figure. Accuracies are recorded
+  The question source 000 asks of a model ("beats the baseline's 82.93% within 50 epochs"), asked
+  of every long run: when did it first pass a given figure. Accuracies are recorded
   from float32 (82.93% is stored as 0.82929998...), so a figure met exactly counts as reached: the
   comparison allows float32's rounding (1e-6).
   """
@@ -151,12 +151,12 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
   `val_splits`, one per run; 'test' when not given). Writes a PNG to `path` atomically and
   returns the number of lines drawn (4 per run).
   """
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot: no backend is chosen, so a notebook's inline plots keep theirs.
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = matplotlib.figure.Figure(figsize=(11, 4))
+  ax_loss, ax_acc = fig.subplots(1, 2)
   lines = 0
   val_splits = list(val_splits or ['test'] * len(runs))
   for i, (label, rows) in enumerate(runs):
@@ -180,5 +180,4 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str,
   fig.tight_layout()
   with fileio.atomic_open(path, 'wb') as f:
     fig.savefig(f, format='png', dpi=100)
-  plt.close(fig)
   return lines

@@ -1,7 +1,7 @@
 """A model written in the config file: `config.model = 'sequential'` and `config.layers`.
 
 `config.layers` is a list of strings, each one Keras layer call, with Keras' class names, argument
-names, argument order and defaults (padding 'valid', use_bias=True, ...):
+names, argument order and defaults (padding 'valid', use_bias=True, ...)::
 
     config.model = 'sequential'
     config.layers = [
@@ -18,7 +18,7 @@ names, argument order and defaults (padding 'valid', use_bias=True, ...):
 Each string is read with Python's `ast`, never evaluated: a call with positional and keyword
 arguments whose values are literals (numbers, strings, True/False/None, tuples and lists of them).
 A `keras.layers.` or `layers.` prefix is allowed. The layers, each built from the
-`dsconv_jax.layers` layer named after the arrow (so that the summary shows one row per layer):
+`dsconv_jax.layers` layer named after the arrow (so that the summary shows one row per layer)::
 
   DepthwiseConv2D(kernel_size, strides=1, padding='valid', depth_multiplier=1, dilation_rate=1,
                   activation=None, use_bias=True)                       -> DepthwiseConv2D
@@ -47,10 +47,13 @@ and `config.bn_epsilon`, Keras' 0.99 and 1e-3 by default); explicit momentum= an
 The classes layer. The output must be logits, one per class: shape (batch, num_classes). The layer
 that produces them writes its filters (or units) as the string "num_classes", which becomes the
 number of classes of the dataset, e.g. 'Conv2D("num_classes", 1, use_bias=False)' followed by
-'GlobalAveragePooling2D()', or 'Dense("num_classes")'. Every width written as a number is a hidden
-width, scaled by the model's `width_multiplier` (`scale_width`), so that `config.fit_params` fits
-any spec to a budget; "num_classes" is never scaled. A spec without "num_classes", or whose output
-is not (batch, num_classes), is refused.
+'GlobalAveragePooling2D()', or 'Dense("num_classes")'. Keras code as written works too: in a spec
+without "num_classes", the last entry with filters or units is the classes layer, and its number
+(e.g. 'Conv2D(10, 1, use_bias=False)') must equal the dataset's number of classes (a one-line
+error says so when it does not). Every other width written as a number is a hidden width, scaled
+by the model's `width_multiplier` (`scale_width`), so that `config.fit_params` fits any spec to a
+budget; the classes layer is never scaled. A spec whose output is not (batch, num_classes) is
+refused.
 
 Residual blocks. 'Residual([LAYER, LAYER, ...])' runs its layers (written as calls, like list
 entries but without their quotes; a quoted string is accepted too) on its input x and returns
@@ -61,8 +64,9 @@ and `tests/test_sequential.py` writes the built-in models (DS-ResNet included) a
 
 Every mistake (a string that is not a call, an unknown layer or argument, a value of the wrong type
 or range, a window that does not fit its input map, a residual branch that changes the shape, an
-output that is not the logits) is a `UserError` of one line naming the entry, 1-based, e.g.
-"config.layers[3] 'MaxPooling2D(3, padding=\"full\")': padding='full' must be 'same' or 'valid'".
+output that is not the logits) is a `UserError` of one line naming the entry by its Python index
+(config.layers[0] is the first), e.g. "config.layers[3] 'MaxPooling2D(3, padding=\"full\")':
+padding='full' must be 'same' or 'valid'".
 Errors about shapes surface when the model is first traced (`summary`, or before training).
 """
 
@@ -96,9 +100,12 @@ class LayerSpec:
   """
   kind: str  # Keras' class name, aliases resolved: 'SeparableConv2D', 'Residual', ...
   args: tuple[tuple[str, Any], ...]
-  where: str  # 'config.layers[3]' (1-based), or 'config.layers[3], residual layer 2'
+  where: str  # 'config.layers[3]' (Python's index), or 'config.layers[3], residual layer 2'
   text: str  # The entry as written.
   inner: tuple['LayerSpec', ...] = ()
+  # The classes layer written with a literal class count (Keras code as written): never scaled,
+  # and the count must be the dataset's.
+  classes: bool = False
 
   def arg(self, name: str) -> Any:
     return dict(self.args)[name]
@@ -255,13 +262,18 @@ def parse_layers(entries: Any, where: str = 'config.layers') -> tuple[LayerSpec,
     raise UserError(f"{where} is empty; config.model = 'sequential' builds its model from it, e.g. "
                     f"['SeparableConv2D(32, 3, padding=\"same\")', ..., "
                     f"'Conv2D(\"{CLASSES}\", 1)', 'GlobalAveragePooling2D()']")
-  specs = tuple(parse_layer(entry, f'{where}[{i}]') for i, entry in enumerate(entries, 1))
-  if not any(_writes_classes(s) for s in specs):
+  specs = tuple(parse_layer(entry, f'{where}[{i}]') for i, entry in enumerate(entries))
+  if any(_writes_classes(s) for s in specs):
+    return specs
+  # Keras code as written: the last layer with a width gives the logits.
+  last = next((i for i in reversed(range(len(specs))) if _width_arg(specs[i])), None)
+  if last is None:
     raise UserError(
-        f'{where} has no classes layer: write the filters (or units) of the layer that outputs '
-        f'the logits as "{CLASSES}", e.g. \'Conv2D("{CLASSES}", 1, use_bias=False)\' then '
-        "'GlobalAveragePooling2D()', or 'Dense(\"num_classes\")'")
-  return specs
+        f'{where} has no classes layer: end it with the layer that outputs the logits, its '
+        f'filters (or units) the number of classes or "{CLASSES}", e.g. '
+        f'\'Conv2D("{CLASSES}", 1, use_bias=False)\' then \'GlobalAveragePooling2D()\', or '
+        "'Dense(\"num_classes\")'")
+  return specs[:last] + (dataclasses.replace(specs[last], classes=True),) + specs[last + 1:]
 
 
 def parse_layer(entry: Any, where: str) -> LayerSpec:
@@ -389,6 +401,11 @@ def _literal(node: ast.expr) -> Any:
              f'and lists of them){hint}')
 
 
+def _width_arg(spec: LayerSpec) -> str | None:
+  """The name of `spec`'s width argument ('filters' or 'units'), or None."""
+  return next((name for name, _ in spec.args if name in ('filters', 'units')), None)
+
+
 def _writes_classes(spec: LayerSpec) -> bool:
   return any(v == CLASSES for _, v in spec.args) or any(_writes_classes(s) for s in spec.inner)
 
@@ -475,7 +492,16 @@ def _make_layers(model: Sequential, spec: LayerSpec) -> list[nn.Module]:
   kind, options = spec.kind, model.options
 
   def width(v):
-    return model.num_classes if v == CLASSES else layers_lib.scale_width(v, model.width_multiplier)
+    if v == CLASSES:
+      return model.num_classes
+    if spec.classes:
+      if v != model.num_classes:
+        raise spec.error(
+            f'its {v} {_width_arg(spec)} are the logits (the last layer with a width is the '
+            f'classes layer), but the dataset has {model.num_classes} classes: write '
+            f'{model.num_classes}, or "{CLASSES}" for any dataset')
+      return v
+    return layers_lib.scale_width(v, model.width_multiplier)
 
   if kind == 'DepthwiseConv2D':
     out = [layers_lib.DepthwiseConv2D(

@@ -17,9 +17,11 @@ resumed from the checkpoint of epoch E draws exactly what an uninterrupted run d
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import nnx
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 
 from dsconv_jax import augment as augment_lib
+from dsconv_jax import nnx_adapter
 
 # Streams of randomness folded from the seed: one purpose each.
 INIT, PERMUTATION, STEP, RECALIBRATE, FLIP = 0, 1, 2, 3, 4
@@ -40,6 +43,14 @@ class TrainState(train_state.TrainState):
   # An exponential moving average of `params`, evaluated in their place; None when
   # config.ema_decay is 0, so that the state (and its checkpoints) are then as before.
   ema_params: Any = None
+  # The model's other variable collections that training updates (an NNX model's `nnx.Rngs`
+  # keys and counters: `nnx_adapter.STATE`), by collection; None for Linen models.
+  model_state: Any = None
+
+
+def model_variables(state: 'TrainState', params: Any) -> dict[str, Any]:
+  """The variables `state.apply_fn` takes: `params`, the BatchNorm statistics, the model state."""
+  return {'params': params, 'batch_stats': state.batch_stats, **(state.model_state or {})}
 
 
 def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array,
@@ -67,16 +78,50 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def update_ema(state: 'TrainState', decay: float) -> 'TrainState':
+def mixed_cross_entropy(logits: jax.Array, labels: jax.Array, partner: jax.Array | None = None,
+                        lam: jax.Array | None = None, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy of a mixed batch (`augment.mix_batch`): example i weighs its own
+  label by 1 - lam_i and its partner's, labels[partner_i], by lam_i. Cross-entropy is linear in
+  the target, so this is the loss against the soft label (1 - lam) one_hot(y) + lam
+  one_hot(y_partner) (smoothed as `cross_entropy_loss` smooths). Without `partner`, the plain loss.
+  """
+  loss = cross_entropy_loss(logits, labels, label_smoothing)
+  if partner is None:
+    return loss
+  partner_loss = cross_entropy_loss(logits, labels[partner], label_smoothing)
+  return (1.0 - lam) * loss + lam * partner_loss
+
+
+def distillation_loss(logits: jax.Array, teacher_logits: jax.Array,
+                      temperature: float) -> jax.Array:
+  """Per-example T^2 KL(softmax(teacher / T) || softmax(student / T)) (Hinton et al., 2015): the
+  student matches the teacher's softened outputs; T^2 keeps the gradient's scale as T changes."""
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)) / temperature
+  targets = jax.nn.softmax(teacher_logits.astype(logits.dtype) / temperature, axis=-1)
+  return temperature ** 2 * optax.kl_divergence(jax.nn.log_softmax(logits, axis=-1), targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """Distillation in the train step: the teacher's `logits` of the step's (normalised, augmented,
+  mixed) batch, and the share `weight` of the distillation loss at `temperature`."""
+  logits: Callable[[jax.Array], jax.Array]
+  weight: float
+  temperature: float
+
+
+def update_ema(state: 'TrainState', decay: float, warmup: bool = True) -> 'TrainState':
   """Moves `state.ema_params` towards `state.params` after a step.
 
-  The decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's ExponentialMovingAverage with
-  num_updates): early on the average follows the weights closely, so that it does not drag the
-  random initialisation into short runs' evaluations. BatchNorm's moving statistics are not
-  averaged again: they already are a moving average, and evaluation uses them with the EMA params.
+  With `warmup` the decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's
+  ExponentialMovingAverage with num_updates): early on the average follows the weights closely,
+  so that it does not drag the random initialisation into short runs' evaluations. Without it the
+  decay is `decay` from the first step (the plain average of xvel/cifar10-tiniest and of
+  PyTorch's usual EMA). BatchNorm's moving statistics are not averaged again: they already are a
+  moving average, and evaluation uses them with the EMA params.
   """
   step = jnp.asarray(state.step, jnp.float32)
-  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else jnp.float32(decay)
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, state.params)
   return state.replace(ema_params=ema)
 
@@ -85,23 +130,30 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
                        init_params: Callable[[Any], Any] | None = None) -> TrainState:
   """The initial state; with `ema` it also holds `ema_params`, starting at the initial params.
 
-  `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`).
+  `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`). The
+  collections a model names in `state_collections` (an NNX model's) go to `model_state`.
   """
   variables = model.init({'params': key, 'dropout': key}, jnp.zeros((1, *image_shape)),
                          train=False)
   params = variables['params']
   if init_params is not None:
     params = init_params(params)
+  model_state = {k: variables[k] for k in getattr(model, 'state_collections', ())
+                 if k in variables}
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats', {}),
-                           ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+                           ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                           model_state=model_state or None)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
                mean: jax.Array, std: jax.Array, augment: tuple[str, ...] = (),
                axis_name: str | None = None, label_smoothing: float = 0.0,
                ema_decay: float = 0.0, compute_dtype: str = 'float32',
-               flip: jax.Array | None = None):
+               flip: jax.Array | None = None,
+               strengths: augment_lib.Strengths = augment_lib.Strengths(),
+               ema_warmup: bool = True, mix: augment_lib.Mix | None = None,
+               teacher: Teacher | None = None):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
@@ -115,30 +167,48 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   bfloat16 (mixed precision); parameters, BatchNorm statistics, gradients and the loss stay
   float32. How layers compute (depthwise form, dropout masks) is the model's `layers.Options`.
   `flip` (booleans, one per image) mirrors the images it marks before `augment` (the epoch's
-  alternating flip, `augment.alternating_flips`).
+  alternating flip, `augment.alternating_flips`); `strengths` are the ops' (`augment.Strengths`).
+  `ema_warmup` False averages with `ema_decay` from the first step (`update_ema`). `mix` mixes
+  the augmented batch (`augment.mix_batch`, its strength a function of `state.step`) and the loss
+  weighs both labels (`mixed_cross_entropy`). `teacher` adds distillation: the loss is
+  (1 - weight) times the label loss plus weight times `distillation_loss` against the teacher's
+  logits of the same batch; the teacher is a fixed function, so under pmap each device computes
+  its own slice's logits.
   """
   x = preprocess(images, mean, std)
   if flip is not None:
     x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
   if augment:
-    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
+    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0), strengths, mean, std)
+  partner = lam = None
+  if mix is not None:
+    x, partner, lam = augment_lib.mix_batch(mix.kind, x, jax.random.fold_in(key, 2),
+                                            mix.strength(state.step))
+  teacher_logits = None if teacher is None else jax.lax.stop_gradient(teacher.logits(x))
   # Augmentation runs in float32 so that both precisions see the same augmented images.
   x = x.astype(compute_dtype)
 
+  carried = list(state.model_state or {})
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats'])
-    return cross_entropy_loss(logits, labels, label_smoothing).mean(), (logits, updates)
+        model_variables(state, params), x, train=True,
+        rngs={'dropout': jax.random.fold_in(key, 1)}, mutable=['batch_stats', *carried])
+    loss = mixed_cross_entropy(logits, labels, partner, lam, label_smoothing)
+    if teacher is not None:
+      loss = ((1.0 - teacher.weight) * loss + teacher.weight *
+              distillation_loss(logits, teacher_logits, teacher.temperature))
+    return loss.mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
   if axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
   state = state.apply_gradients(grads=grads,
-                                batch_stats=updates.get('batch_stats', state.batch_stats))
+                                batch_stats=updates.get('batch_stats', state.batch_stats),
+                                model_state={k: updates[k] for k in carried} or None)
   if ema_decay:
-    state = update_ema(state, ema_decay)
+    state = update_ema(state, ema_decay, ema_warmup)
   return state, metrics
 
 
@@ -169,8 +239,7 @@ def eval_logits(state: TrainState, images: jax.Array, *, mean: jax.Array, std: j
   """
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std, compute_dtype)
-  apply = lambda x: state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
-                                   train=False)
+  apply = lambda x: state.apply_fn(model_variables(state, params), x, train=False)
   return tta_logits(apply, x, tta_flip=tta_flip, tta_translate=tta_translate)
 
 
@@ -211,9 +280,26 @@ def _exact_batch_statistics(next_fun, args, kwargs, context):
   return y
 
 
+def _exact_nnx_batch_statistics(path, module, call, args, kwargs):
+  """`_exact_batch_statistics` for an NNX model's `nnx.BatchNorm` (`nnx_adapter.intercept_calls`):
+  momentum 0 for the call, so that its statistics become the batch's own. The module is the
+  merged copy of one traced call."""
+  del path
+  if not isinstance(module, nnx.BatchNorm) or _first_not_none(
+      kwargs.get('use_running_average'), module.use_running_average):
+    return call(*args, **kwargs)
+  module.momentum = 0.0
+  return call(*args, **kwargs)
+
+
+def _first_not_none(*values):
+  return next((v for v in values if v is not None), None)
+
+
 def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, mean: jax.Array,
                      std: jax.Array, augment: tuple[str, ...] = (),
-                     compute_dtype: str = 'float32') -> Any:
+                     compute_dtype: str = 'float32',
+                     strengths: augment_lib.Strengths = augment_lib.Strengths()) -> Any:
   """Every BatchNorm layer's statistics of one batch, for the weights `eval_step` evaluates.
 
   The batch goes through the network in training mode (dropout as in training, augmented by
@@ -222,10 +308,11 @@ def batch_statistics(state: TrainState, images: jax.Array, key: jax.Array, *, me
   params = state.params if state.ema_params is None else state.ema_params
   x = preprocess(images, mean, std)
   if augment:
-    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0))
-  with nn.intercept_methods(_exact_batch_statistics):
-    _, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
-                                x.astype(compute_dtype), train=True,
+    x = augment_lib.apply(augment, x, jax.random.fold_in(key, 0), strengths, mean, std)
+  with nn.intercept_methods(_exact_batch_statistics), nnx_adapter.intercept_calls(
+      _exact_nnx_batch_statistics):
+    _, updates = state.apply_fn(model_variables(state, params), x.astype(compute_dtype),
+                                train=True,
                                 rngs={'dropout': jax.random.fold_in(key, 1)},
                                 mutable=['batch_stats'])
   return updates['batch_stats']

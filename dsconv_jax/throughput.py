@@ -156,7 +156,9 @@ def variants_of(config, depthwise: str = '', dtypes: str = '',
 def configs_of(config, also: list[str] | tuple[str, ...] = ()) -> list[tuple[str, Any]]:
   """(overrides, config): the config as given, then one per `--also` string, parsed by
   ml_collections' own `--config.KEY=VALUE` parser (as `main` parses them), so a key or value that
-  `main` would refuse is refused here too (a UsageError)."""
+  `main` would refuse is refused here too (a UsageError). An `--also` string that opens with
+  `--config=FILE` starts from that config file instead of the given config (another model and
+  recipe timed beside it)."""
   from ml_collections import config_flags
   out = [('', config)]
   for text in also:
@@ -164,15 +166,21 @@ def configs_of(config, also: list[str] | tuple[str, ...] = ()) -> list[tuple[str
       args = shlex.split(text)
     except ValueError as e:
       raise UsageError(f'--also={text!r}: {e}') from None
-    bad = [a for a in args if not (a.startswith('--config.') and '=' in a)]
-    if not args or bad:
-      raise UsageError(f'--also={text!r}: give --config.KEY=VALUE overrides only'
-                       + (f' (not {bad[0]!r})' if bad else ''))
+    path = args[0][len('--config='):] if args and args[0].startswith('--config=') else None
+    overrides = args[1:] if path is not None else args
+    bad = [a for a in overrides if not (a.startswith('--config.') and '=' in a)]
+    if not args or bad or path == '':
+      raise UsageError(f'--also={text!r}: give --config.KEY=VALUE overrides only, after an '
+                       'optional --config=FILE' + (f' (not {bad[0]!r})' if bad else ''))
     argv = ['throughput', *args]
     flag_values = flags.FlagValues()
     try:  # `sys_argv` names the overrides to define as flags (else sys.argv's would be).
-      config_flags.DEFINE_config_dict('config', config.copy_and_resolve_references(),
-                                      flag_values=flag_values, lock_config=True, sys_argv=argv)
+      if path is None:
+        config_flags.DEFINE_config_dict('config', config.copy_and_resolve_references(),
+                                        flag_values=flag_values, lock_config=True, sys_argv=argv)
+      else:
+        config_flags.DEFINE_config_file('config', path, flag_values=flag_values,
+                                        lock_config=True, sys_argv=argv)
       flag_values(argv)
     except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
       # An unknown key: ml_collections raises AttributeError(KeyError("'key'")), bare texts.

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -128,6 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
     if exp.recalibrate is not None:
       _write_eval_batch_stats(workdir, eval_state.batch_stats)
     _write_summary(workdir, summary, history)
+    warning = near_chance_warning(exp, summary)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)  # Beside the result it explains.
   return summary
 
 
@@ -181,7 +185,7 @@ def _report_model(description: experiment_lib.ModelDescription, data: experiment
     warning = None if config.get('bn_recalibrate_batches', 0) else batch_norm_warmup_warning(
         description.model, data.image_shape, len(data.train.labels) // config.batch_size)
     if warning:
-      print(warning, flush=True)
+      print(warning, file=sys.stderr, flush=True)
     _check_run_identity(workdir, {
         'model': config.model, 'model_kwargs': dict(config.get('model_kwargs', {}) or {}),
         # A spec is the model itself (only sequential runs record it: older run.json lack it).
@@ -217,10 +221,41 @@ def batch_norm_warmup_warning(model, image_shape, steps_per_epoch: int) -> str |
   return (f'warning: BatchNorm momentum {momentum} over {steps_per_epoch} steps per epoch leaves '
           f'{100 * share:.0f}% of the initial moving statistics in place at the first evaluation '
           f'(about {needed} steps are needed to forget them), so validation accuracy will read '
-          'near chance until then; use '
-          + ('--config.bn_momentum=0.9, ' if momentum > 0.9 else '')
-          + 'more training data, a smaller batch, or --config.bn_recalibrate_batches=20 '
-          '(statistics recomputed before each evaluation)')
+          f'near chance until then; {_batch_norm_remedies(momentum)}')
+
+
+def _batch_norm_remedies(momentum: float) -> str:
+  """The remedies for unsettled statistics, the one that lifts a short run above chance first
+  (docs/troubleshooting.md cites the runs that measured them)."""
+  remedies = ['--config.bn_recalibrate_batches=20 (statistics recomputed from training batches '
+              'before each evaluation)', 'a smaller batch', 'more training data']
+  if momentum > 0.9:
+    remedies.append('--config.bn_momentum=0.9')
+  return 'use ' + ', '.join(remedies[:-1]) + ', or ' + remedies[-1]
+
+
+# A final validation accuracy below this multiple of chance (1 / classes) counts as near chance.
+NEAR_CHANCE = 1.5
+
+
+def near_chance_warning(exp: experiment_lib.Experiment, summary: dict[str, Any]) -> str | None:
+  """A 'warning:' line for the end of a run whose validation ended near chance while BatchNorm's
+  moving statistics still held much of their initial values over all the steps it trained."""
+  config = exp.config
+  chance = 1 / exp.data.num_classes
+  if (config.get('bn_recalibrate_batches', 0)
+      or summary['final_val_accuracy'] >= NEAR_CHANCE * chance):
+    return None
+  momenta = [m for m, _ in analysis.batch_norm_settings(exp.description.model,
+                                                          exp.data.image_shape)]
+  steps_trained = summary['epochs'] * (len(exp.data.train.labels) // config.batch_size)
+  if not momenta or steps_trained <= 0 or max(momenta) ** steps_trained <= BATCH_NORM_INITIAL_SHARE:
+    return None
+  momentum = max(momenta)
+  return (f'warning: validation accuracy {100 * summary["final_val_accuracy"]:.2f}% is near chance '
+          f'({100 * chance:.0f}%): BatchNorm momentum {momentum} over the {steps_trained} steps '
+          f'trained leaves {100 * momentum ** steps_trained:.0f}% of the initial moving statistics '
+          f'in place, and evaluation normalises with them; {_batch_norm_remedies(momentum)}')
 
 
 def _model_table(description: experiment_lib.ModelDescription, data: experiment_lib.Data) -> str:
@@ -309,6 +344,10 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'params_trainable': report.params_trainable,
       'params_non_trainable': report.params_non_trainable,
       'macs_per_image': report.macs_total,
+      # BatchNorm momenta and epsilons and layer forms as the model ran them (config.bn_momentum
+      # and the like say None for "the model's own").
+      'model_options': experiment_lib.model_options_used(config, exp.model, data.image_shape,
+                                                         exp.forms),
       'width_multiplier': width['width_multiplier'],
       'fit_params': width['fit_params'],
       'val_split': data.val_split,

@@ -169,7 +169,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
 
   out = main_cli(workdir, folder, cli_env)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert f'warning: the checkpoint of epoch {EPOCHS} cannot be read' in out.stdout
+  assert f'warning: the checkpoint of epoch {EPOCHS} cannot be read' in out.stderr
   assert f'resuming from the checkpoint of epoch {EPOCHS - 1}' in out.stdout
   assert_same_run(workdir, reference)
   assert saved_epochs(workdir) == [EPOCHS - 1, EPOCHS]

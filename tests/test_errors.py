@@ -45,9 +45,16 @@ def _truncate(path):
 CASES = {
     'unknown_config_file': (['--config=configs/nosuch.py'], 1,
                             'cannot load --config=configs/nosuch.py: [Errno 2] No such file'),
+    # A config file is checked like the command line: the key, the value, the type it must have.
     'config_file_sets_a_wrong_type': (['--config={config}'], 1,
-                                      "cannot load --config={config}: TypeError: Could not "
-                                      "override field 'batch_size'"),
+                                      "config.batch_size = 'abc' in {config}: must be an integer, "
+                                      'not a string'),
+    'typo_in_a_config_file': (['--config={config}'], 2,
+                              "unknown config key 'num_epoch' set in {config} (did you mean "
+                              "'num_epochs'?)"),
+    'typo_in_a_nested_key_of_a_config_file': (
+        ['--config={config}'], 2, "unknown config key 'constraints.allow_dens' set in {config} "
+        "(did you mean 'constraints.allow_dense'?)"),
     # A value that cannot be parsed is reported by the flag parser, before anything runs, like an
     # unknown flag: a command-line usage error, exit status 2.
     'value_of_the_wrong_type': (['--config.batch_size=abc'], 2,
@@ -87,6 +94,13 @@ CASES = {
 }
 
 
+CONFIG_FILES = {
+    'config_file_sets_a_wrong_type': "  config.batch_size = 'abc'\n",
+    'typo_in_a_config_file': '  config.num_epoch = 1\n',
+    'typo_in_a_nested_key_of_a_config_file': '  config.constraints.allow_dens = True\n',
+}
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_input_is_one_clear_line(tmp_path, image_folder, cli_env, case):
   args, code, message = CASES[case]
@@ -95,8 +109,8 @@ def test_bad_input_is_one_clear_line(tmp_path, image_folder, cli_env, case):
            'empty': str(tmp_path / 'empty'), 'half': str(tmp_path / 'half'),
            'truncated': str(tmp_path / 'truncated'), 'corrupt': str(tmp_path / 'corrupt'),
            'classes': str(tmp_path / 'classes')}
-  if case == 'config_file_sets_a_wrong_type':
-    _write_config(names['config'], "  config.batch_size = 'abc'\n")
+  if case in CONFIG_FILES:
+    _write_config(names['config'], CONFIG_FILES[case])
   elif case == 'batch_does_not_fit_the_devices':
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         ' --xla_force_host_platform_device_count=2').strip()
@@ -149,3 +163,27 @@ def test_resuming_a_workdir_of_another_run_is_refused(tmp_path, image_folder, cl
     assert diff in out.stderr and 'use a new --workdir' in out.stderr
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     assert f.read() == metrics  # Refused before anything was touched.
+
+
+def _file_check(tmp_path, body):
+  """(exit status or None, stderr) of the command line's check of a config file setting `body`."""
+  from dsconv_jax import cli
+  path = _write_config(tmp_path / 'config.py', body)
+  try:
+    cli._check_config_file(['prog', f'--config={path}'])  # pylint: disable=protected-access
+  except SystemExit as e:
+    return e.code
+  return None
+
+
+def test_a_config_file_may_set_any_model_kwargs_and_known_keys_of_their_types(tmp_path, capsys):
+  assert _file_check(tmp_path, "  config.model_kwargs.anything = 'the model checks it'\n"
+                               '  config.bn_momentum = 0.9\n  config.learning_rate = 1\n'
+                               "  config.layers = ['Dense(10)']\n") is None
+  assert _file_check(tmp_path, '  config.bn_epsilon = None\n') is None  # None: the model's own.
+  assert _file_check(tmp_path, "  config.tta_flip = 'yes'\n") == 1
+  assert "config.tta_flip = 'yes' in " in capsys.readouterr().err
+  assert _file_check(tmp_path, "  config.bn_momentum = 'high'\n") == 1
+  assert 'must be a number or None, not a string' in capsys.readouterr().err
+  assert _file_check(tmp_path, '  config.model_kwargs = 3\n') == 1
+  assert "must be a group of keys, the model's arguments" in capsys.readouterr().err

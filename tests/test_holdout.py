@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from dsconv_jax import compare, data, experiment, train
+from dsconv_jax import compare, data, experiment, reporting, train
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 from test_models import load_config
@@ -139,3 +139,21 @@ def test_the_own_model_selects_on_the_holdout():
   assert load_config('dsresnet').holdout == 5000
   for source in ('baseline', 'model2', 'model3', 'model4', 'separable80k'):
     assert load_config(source).holdout == 0, source  # Validated on the test split, as they did.
+
+
+def test_the_curves_legend_names_the_validation_split(tmp_path, monkeypatch):
+  import matplotlib.axes
+  labels = []
+  original = matplotlib.axes.Axes.plot
+
+  def plot(self, *args, **kwargs):
+    labels.append(kwargs.get('label'))
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.axes.Axes, 'plot', plot)
+  rows = [{'epoch': 1, 'train_loss': 1.0, 'val_loss': 1.1, 'train_accuracy': 0.5,
+           'val_accuracy': 0.4}]
+  reporting.plot_curves([('a', rows), ('b', rows)], str(tmp_path / 'c.png'),
+                        val_splits=['holdout:5000', 'test'])
+  assert labels == ['a train', 'a holdout', 'a train', 'a holdout',
+                    'b train', 'b test', 'b train', 'b test']

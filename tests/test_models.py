@@ -165,6 +165,12 @@ class Bare(nn.Module):  # Declares none of the fields build_model can give.
     return jnp.mean(nn.Conv(10, (1, 1))(x), axis=(1, 2))
 
 
+class NoNorm(nn.Module):  # No BatchNorm at all.
+  @nn.compact
+  def __call__(self, x, train=False):
+    return jnp.mean(nn.Conv(10, (1, 1))(x), axis=(1, 2))
+
+
 def not_a_module():
   pass
 """
@@ -236,7 +242,9 @@ def test_build_model_gives_each_model_only_the_fields_it_declares(user_module):
   assert models.build_model(config, 7).bn_momentum == 0.5
   config.model_kwargs = {}
   config.model = 'byom_fields_nets:Bare'
-  assert type(models.build_model(config, 7)).__name__ == 'Bare'  # Given nothing: no TypeError.
+  # Given no field (no TypeError); the BatchNorm values reach its layers through a wrapper.
+  bare = models.build_model(config, 7)
+  assert type(bare.module).__name__ == 'Bare' and models.module_class(bare).__name__ == 'Bare'
   config.model = 'baseline'  # No BatchNorm, no bn fields.
   assert models.build_model(config, 7).num_classes == 7
   config.model = 'sequential'
@@ -296,8 +304,38 @@ def test_bn_momentum_and_epsilon_reach_an_imported_module(user_module):
   config.model = 'byom_bn_nets:Net'
   config.bn_momentum, config.bn_epsilon = 0.8, 1e-4
   assert _batch_norms(models.build_model(config, 10)) == [(0.8, 1e-4)]
-  config.model = 'byom_bn_nets:Bare'  # It does not declare them: flax's own defaults.
+  config.model = 'byom_bn_nets:Bare'  # It declares no field: set on each of its BatchNorms.
+  model = models.build_model(config, 10)
+  assert _batch_norms(model) == [(0.8, 1e-4)]
+  variables = model.init(jax.random.key(0), jnp.ones((2, 4, 4, 3)))
+  _, updates = model.apply(variables, jnp.ones((2, 4, 4, 3)), train=True, mutable=['batch_stats'])
+  # Momentum 0.8 in the update itself: 0.8 * 0 + 0.2 * 1.
+  np.testing.assert_allclose(updates['batch_stats']['BatchNorm_0']['mean'], 0.2, rtol=1e-6)
+  config.bn_epsilon = None  # The module's own: flax's 1e-5.
+  assert _batch_norms(models.build_model(config, 10)) == [(0.8, 1e-5)]
+  config.bn_momentum = None
   assert _batch_norms(models.build_model(config, 10)) == [(0.99, 1e-5)]
+
+
+def test_model_options_that_cannot_reach_a_model_stop_with_one_line(user_module):
+  user_module('byom_opt_nets')
+  config = get_config()
+  config.model = 'byom_opt_nets:Bare'
+  config.depthwise_impl = 'shifted'
+  with pytest.raises(UserError) as e:
+    models.build_model(config, 10)
+  assert str(e.value).startswith("config.depthwise_impl='shifted' cannot reach model "
+                                 "'byom_opt_nets:Bare': its module declares no `options` field")
+  config.depthwise_impl = 'auto'  # The default: the model's own forms.
+  config.dropout_impl = 'threefry'
+  with pytest.raises(UserError, match="config.dropout_impl='threefry' cannot reach model"):
+    models.build_model(config, 10)
+  config.dropout_impl = 'hash'
+  config.model = 'byom_opt_nets:NoNorm'
+  config.bn_momentum = 0.9
+  with pytest.raises(UserError, match=r"config.bn_momentum=0.9 cannot reach model "
+                                      r"'byom_opt_nets:NoNorm': it calls no BatchNorm layer"):
+    experiment.describe_model(config, (8, 8, 3), 10)
 
 
 def test_a_bad_bn_value_is_a_user_error():

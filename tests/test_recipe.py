@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import budget, experiment, layers, models, optim, steps, train
+from dsconv_jax import analysis, budget, experiment, layers, models, optim, steps, train
 from dsconv_jax.defaults import get_config, get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -304,34 +304,104 @@ def test_bad_tta_translate_is_a_user_error():
 # Initialisation and per-parameter learning rates.
 
 
+class _OddlyNamed(nn.Module):
+  """Layers found by what they compute, whatever they are called: a depthwise convolution written
+  with `lax` on a parameter named 'w', a BatchNorm named 'norm', a LayerNorm (statistics of the
+  data, not moving ones), a Keras-style separable layer, and a 1x1 convolution named 'mix'."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    c = x.shape[-1]
+    w = self.param('w', nn.initializers.normal(1.0), (3, 3, 1, c))
+    x = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', feature_group_count=c,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    x = nn.BatchNorm(use_running_average=not train, name='norm')(x)
+    x = nn.LayerNorm(name='ln')(x)
+    x = layers.SeparableConv2D(8, 3, padding='same', use_bias=False)(x)
+    x = nn.Conv(8, (3, 3), feature_group_count=8, padding='SAME', use_bias=False, name='dw')(x)
+    return nn.Conv(10, (1, 1), name='mix')(x).mean(axis=(1, 2))
+
+
+def _odd_params():
+  model = _OddlyNamed()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 4)))['params']
+  return model, params, analysis.parameter_structure(model, (6, 6, 4))
+
+
 def test_batch_norm_bias_lr_multiplier_scales_only_batch_norm_biases():
-  params = {'BatchNorm_0': {'bn': {'bias': jnp.ones(3), 'scale': jnp.ones(3)}},
-            'PointwiseConv2D_0': {'kernel': jnp.ones((1, 1, 3, 3)), 'bias': jnp.ones(3)},
-            'batch_normalization': {'bias': jnp.ones(2)}}
+  model, params, structure = _odd_params()
   grads = jax.tree.map(jnp.ones_like, params)
   config = get_config()
   config.optimizer, config.momentum, config.weight_decay = 'sgd', 0.0, 0.0
   constant = lambda step: 0.1
-  plain, _ = optim.create_optimizer(config, constant).update(
-      grads, optim.create_optimizer(config, constant).init(params), params)
+  biases = analysis.batch_norm_biases(model, (6, 6, 4))
+  plain_tx = optim.create_optimizer(config, constant, biases)
+  plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
   config.bn_bias_lr_multiplier = 4.0
-  tx = optim.create_optimizer(config, constant)
+  tx = optim.create_optimizer(config, constant, biases)
   scaled, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_allclose(scaled['BatchNorm_0']['bn']['bias'], 4 * plain['BatchNorm_0']['bn']['bias'])
-  np.testing.assert_allclose(scaled['batch_normalization']['bias'], -0.4 * np.ones(2))
-  for path in (('BatchNorm_0', 'bn', 'scale'), ('PointwiseConv2D_0', 'kernel'),
-               ('PointwiseConv2D_0', 'bias')):
+  # The BatchNorm's bias (named 'norm'), found by its moving statistics; not the LayerNorm's.
+  np.testing.assert_allclose(scaled['norm']['bias'], 4 * plain['norm']['bias'])
+  np.testing.assert_allclose(scaled['norm']['bias'], -0.4 * np.ones(4))
+  for path in (('norm', 'scale'), ('ln', 'bias'), ('ln', 'scale'), ('mix', 'bias'), ('w',)):
     get = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
     np.testing.assert_allclose(get(scaled), get(plain))
+  # Without the model's biases, initialising such an optimizer is a programming error.
+  with pytest.raises(ValueError, match='needs the model.s BatchNorm biases'):
+    optim.create_optimizer(config, constant).init(params)
   config.bn_bias_lr_multiplier = 0.0
   with pytest.raises(UserError, match='bn_bias_lr_multiplier'):
     optim.create_optimizer(config, constant)
 
 
+def test_parameter_structure_finds_convolutions_by_what_they_compute():
+  _, _, structure = _odd_params()
+  found = {c.path: (c.groups, c.in_channels, c.out_channels, c.kernel_size)
+           for c in structure.convolutions}
+  assert found == {('w',): (4, 4, 4, (3, 3)),
+                   ('SeparableConv2D_0', 'depthwise_kernel'): (4, 4, 4, (3, 3)),
+                   ('SeparableConv2D_0', 'pointwise_kernel'): (1, 4, 8, (1, 1)),
+                   ('dw', 'kernel'): (8, 8, 8, (3, 3)), ('mix', 'kernel'): (1, 8, 10, (1, 1))}
+  assert structure.grouped_convolutions() == [4, 4, 8]
+  assert [(n.moving, n.shift) for n in structure.normalisations] == [
+      (True, ('norm', 'bias')), (False, ('ln', 'bias'))]
+
+
+def _centre(kh=3, kw=3):
+  delta = np.zeros((kh, kw))
+  delta[kh // 2, kw // 2] = 1
+  return delta
+
+
+def test_dirac_init_finds_kernels_by_structure_whatever_their_names():
+  _, params, structure = _odd_params()
+  dirac = layers.dirac_init(params, structure.convolutions)
+  # Depthwise (Keras layout and flax nn.Conv with feature_group_count alike): the first half of
+  # the channels pass through (centre tap), the rest keep their random filters.
+  for kernel, original, c in ((dirac['w'][:, :, 0], params['w'][:, :, 0], 4),
+                              (dirac['SeparableConv2D_0']['depthwise_kernel'][:, :, :, 0],
+                               params['SeparableConv2D_0']['depthwise_kernel'][:, :, :, 0], 4),
+                              (dirac['dw']['kernel'][:, :, 0], params['dw']['kernel'][:, :, 0], 8)):
+    for channel in range(c // 2):
+      np.testing.assert_array_equal(kernel[:, :, channel], _centre())
+    np.testing.assert_array_equal(kernel[:, :, c // 2:], original[:, :, c // 2:])
+  # The separable layer's pointwise part widens 4 -> 8: its first 4 outputs are its input.
+  pointwise = dirac['SeparableConv2D_0']['pointwise_kernel'][0, 0]
+  np.testing.assert_array_equal(pointwise[:, :4], np.eye(4))
+  np.testing.assert_array_equal(pointwise[:, 4:],
+                                params['SeparableConv2D_0']['pointwise_kernel'][0, 0, :, 4:])
+  # Narrowing (8 -> 10 widens; a 1x1 to fewer channels would not) and normalisations: only the
+  # kernels change.
+  np.testing.assert_array_equal(dirac['mix']['kernel'][0, 0, :, :8], np.eye(8))
+  for path in (('norm', 'scale'), ('norm', 'bias'), ('ln', 'scale'), ('mix', 'bias')):
+    get = lambda tree: functools.reduce(lambda t, k: t[k], path, tree)
+    np.testing.assert_array_equal(get(dirac), get(params))
+
+
 def test_dirac_init_makes_widening_convs_pass_their_input_through():
   model = models.create_model('dsresnet', widths=(8, 16), blocks=(1, 1), stem_multiplier=2)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))['params']
-  dirac = layers.dirac_init(params)
+  dirac = layers.dirac_init(params, analysis.parameter_structure(model, (16, 16, 3)).convolutions)
   x = jax.random.normal(jax.random.key(1), (2, 5, 5, 8))
   # Pointwise 8 -> 16: the first 8 outputs are the input, the other 8 keep their random filters.
   kernel = dirac['PointwiseConv2D_3']['kernel']
@@ -341,10 +411,15 @@ def test_dirac_init_makes_widening_convs_pass_their_input_through():
   np.testing.assert_array_equal(kernel[..., 8:], params['PointwiseConv2D_3']['kernel'][..., 8:])
   # Depthwise (3, 3, C, 1): the first half of the channels are the centre tap, the rest random.
   depthwise, original = dirac['DepthwiseConv2D_1']['kernel'], params['DepthwiseConv2D_1']['kernel']
-  centre = np.zeros((3, 3)); centre[1, 1] = 1
   for c in range(4):
-    np.testing.assert_array_equal(depthwise[:, :, c, 0], centre)
+    np.testing.assert_array_equal(depthwise[:, :, c, 0], _centre())
   np.testing.assert_array_equal(depthwise[:, :, 4:], original[:, :, 4:])
+  # The stem's depth multiplier 2 (3 -> 6): both filters of channel 0 (the first half, 1 of 3).
+  stem = dirac['DepthwiseConv2D_0']['kernel']
+  assert stem.shape == (3, 3, 3, 2)
+  np.testing.assert_array_equal(stem[:, :, 0, 0], _centre())
+  np.testing.assert_array_equal(stem[:, :, 0, 1], _centre())
+  np.testing.assert_array_equal(stem[:, :, 1:], params['DepthwiseConv2D_0']['kernel'][:, :, 1:])
   # The classes layer (16 -> 10 here: narrowing) keeps its random kernel; BatchNorm is untouched.
   head = max((k for k in params if k.startswith('PointwiseConv2D')), key=lambda k: int(k.split('_')[1]))
   np.testing.assert_array_equal(dirac[head]['kernel'], params[head]['kernel'])

@@ -158,42 +158,67 @@ def test_fit_params_scales_every_width_but_the_classes_layer():
   assert out.shape == (1, 7)
 
 
+# Source 000's Model 3 exactly as its Keras code wrote it: 10 classes as a number.
+MODEL3_AS_WRITTEN = MODEL3[:-2] + ['Conv2D(10, 1, use_bias=False)', 'GlobalAveragePooling2D()']
+
+
+def test_keras_code_as_written_with_a_literal_class_count_is_the_same_model():
+  mine = experiment.describe_model(spec_config(MODEL3_AS_WRITTEN), (32, 32, 3), 10).report
+  theirs = experiment.describe_model(spec_config(MODEL3), (32, 32, 3), 10).report
+  assert (mine.params_total, mine.params_trainable) == (35_387, 34_427)
+  assert _rows(mine) == _rows(theirs)
+
+
+def test_fit_params_leaves_a_literal_classes_layer_unscaled():
+  config = spec_config(MODEL3_AS_WRITTEN)
+  config.fit_params = 20_000
+  fitted, info = budget.resolve_width(config, (32, 32, 3), 10)
+  assert info['width_multiplier'] < 1 and info['params_total'] < 20_000
+  report = experiment.describe_model(fitted, (32, 32, 3), 10).report
+  assert report.layers[-2].output_shape == [2, 2, 10]  # The classes layer, unscaled.
+  assert report.layers[1].output_shape[-1] < 32  # A hidden width, scaled.
+
+
 # (spec, the entry named, a fragment of the problem)
 MALFORMED = {
     'unknown layer': (['Conv2D(8, 3, padding="same")', 'Conv3D(8, 3)', *CLASSES_HEAD],
-                      'config.layers[2]', "unknown layer 'Conv3D'"),
+                      'config.layers[1]', "unknown layer 'Conv3D'"),
     'unknown argument': (['SeparableConv2D(8, 3, paddin="same")', *CLASSES_HEAD],
-                         'config.layers[1]', "unsupported argument 'paddin' of SeparableConv2D "
+                         'config.layers[0]', "unsupported argument 'paddin' of SeparableConv2D "
                          "(did you mean 'padding'?)"),
     'wrong type': (['Conv2D(8, 3)', 'BatchNormalization()', 'Dropout("high")', *CLASSES_HEAD],
-                   'config.layers[3]', "rate='high' must be a number in [0, 1)"),
+                   'config.layers[2]', "rate='high' must be a number in [0, 1)"),
     'window on a small map': (['MaxPooling2D(16)', 'DepthwiseConv2D(3)', *CLASSES_HEAD],
-                              'config.layers[2]', "a 'valid' 3x3 window does not fit the 2x2 map"),
+                              'config.layers[1]', "a 'valid' 3x3 window does not fit the 2x2 map"),
     'residual changes the shape': (
         ['Conv2D(8, 3, padding="same")', 'Residual([Conv2D(16, 1), BatchNormalization()])',
          *CLASSES_HEAD],
-        'config.layers[2]', 'the residual branch turns its 32x32x8 input into 32x32x16'),
+        'config.layers[1]', 'the residual branch turns its 32x32x8 input into 32x32x16'),
     'not a literal': (['Dense(__import__("os").getpid())', 'Dense("num_classes")'],
-                      'config.layers[1]', 'is not a literal'),
-    'a name for a string': (['Conv2D(8, 3, padding=same)', *CLASSES_HEAD], 'config.layers[1]',
+                      'config.layers[0]', 'is not a literal'),
+    'a name for a string': (['Conv2D(8, 3, padding=same)', *CLASSES_HEAD], 'config.layers[0]',
                             'a string needs quotes: "same"'),
-    'syntax': (['Conv2D(8, 3', *CLASSES_HEAD], 'config.layers[1]', 'not a layer call'),
+    'syntax': (['Conv2D(8, 3', *CLASSES_HEAD], 'config.layers[0]', 'not a layer call'),
     'not a call': (['Conv2D(8, 3)', 'GlobalAveragePooling2D', 'Dense("num_classes")'],
-                   'config.layers[2]', 'write the layer as a call: GlobalAveragePooling2D(...)'),
+                   'config.layers[1]', 'write the layer as a call: GlobalAveragePooling2D(...)'),
     'inside a residual': (
         ['Residual([Conv2D(3, 3, padding="same"), BatchNormalization(momentm=0.9)])',
          *CLASSES_HEAD],
-        'config.layers[1], residual layer 2',
+        'config.layers[0], residual layer 2',
         "'BatchNormalization(momentm=0.9)': unknown or unsupported argument 'momentm'"),
     'flattened before a convolution': (['Flatten()', 'Conv2D(8, 3)', 'Dense("num_classes")'],
-                                       'config.layers[2]', 'needs a height x width x channels map'),
-    'output is not the logits': (['Conv2D("num_classes", 1)'], 'config.layers[1]',
+                                       'config.layers[1]', 'needs a height x width x channels map'),
+    'output is not the logits': (['Conv2D("num_classes", 1)'], 'config.layers[0]',
                                  "the model's output is 32x32x10 per image, not 10 logits"),
-    'no classes layer': (['Conv2D(10, 1)', 'GlobalAveragePooling2D()'], 'config.layers',
+    'no classes layer': (['MaxPooling2D()', 'GlobalAveragePooling2D()'], 'config.layers',
                          'has no classes layer'),
-    'zero filters': (['Conv2D(0, 3)', *CLASSES_HEAD], 'config.layers[1]',
+    'a literal class count of another dataset': (
+        ['Conv2D(8, 3)', 'Conv2D(7, 1, use_bias=False)', 'GlobalAveragePooling2D()'],
+        'config.layers[1]', 'its 7 filters are the logits (the last layer with a width is the '
+        'classes layer), but the dataset has 10 classes: write 10, or "num_classes"'),
+    'zero filters': (['Conv2D(0, 3)', *CLASSES_HEAD], 'config.layers[0]',
                      'filters=0 must be a positive integer'),
-    'too many positional': (['Dropout(0.1, 2, 3)', *CLASSES_HEAD], 'config.layers[1]',
+    'too many positional': (['Dropout(0.1, 2, 3)', *CLASSES_HEAD], 'config.layers[0]',
                             'Dropout takes at most 1 positional argument here (rate), got 3'),
 }
 
@@ -211,7 +236,7 @@ def test_a_bad_spec_is_one_line_naming_the_entry(case):
 
 def test_a_spec_is_read_never_evaluated(tmp_path):
   target = tmp_path / 'written'
-  with pytest.raises(UserError, match=r'config.layers\[1\] .* is not a literal'):
+  with pytest.raises(UserError, match=r'config.layers\[0\] .* is not a literal'):
     sequential.parse_layers([f'Dense(open({str(target)!r}, "w").write("x"))',
                              'Dense("num_classes")'])
   assert not target.exists()
@@ -318,36 +343,3 @@ def test_a_spec_trains_and_a_workdir_refuses_another_spec(tmp_path):
   config.layers = [l.replace('Dropout(0.1)', 'Dropout(0.2)') for l in TINY]
   with pytest.raises(UserError, match="different configuration.*layers:"):
     train.train_and_evaluate(config, workdir, quiet=True)
-
-
-def _readme_block(marker):
-  """The fenced block after `<!-- marker -->` in README.md."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
-    text = f.read()
-  start = text.index('```', text.index(f'<!-- {marker} -->'))
-  start = text.index('\n', start) + 1
-  return text[start:text.index('```', start)]
-
-
-def test_the_readme_walkthrough_runs_as_written(tmp_path, cli_env):
-  """README's 'Design your own model' commands, on generated images, one short epoch each."""
-  folder = make_image_folder(tmp_path / 'images', per_class=(16, 4))
-  config = tmp_path / 'mine.py'
-  config.write_text(_readme_block('walkthrough-config'))
-  data = [f'--config.dataset=folder:{folder}', '--config.num_epochs=1', '--config.batch_size=8',
-          '--config.cache_dir=']
-  for line in _readme_block('walkthrough-commands').strip().splitlines():
-    args = line.split()[2:]  # after 'python -m'
-    module = args.pop(0)
-    args = [a.replace('--config=mine.py', f'--config={config}').replace('runs/', f'{tmp_path}/')
-            for a in args]
-    if module == 'dsconv_jax.main':
-      args += data
-    out = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=cli_env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (line, out.stderr[-3000:])
-    if module == 'dsconv_jax.summary':
-      assert 'Constraints: all hold.' in out.stdout and 'Residual' not in out.stderr
-  table = (tmp_path / 'mine-vs-model3.md').read_text()
-  assert '| mine ' in table and '| model3 ' in table
-  assert (tmp_path / 'mine-vs-model3.png').exists()

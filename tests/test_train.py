@@ -208,15 +208,39 @@ def test_batch_norm_warmup_warning_names_momentum_steps_and_the_way_out():
 
 def test_short_run_prints_the_warning_on_its_own_line(tmp_path, image_folder, capsys):
   train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
-  lines = capsys.readouterr().out.splitlines()
+  out, err = capsys.readouterr()
+  lines = err.splitlines()
   assert sum(l.startswith('warning: BatchNorm momentum 0.99 over 4 steps') for l in lines) == 1
+  assert 'warning:' not in out  # Warnings go to stderr.
+
+
+def test_a_near_chance_result_repeats_the_warning_beside_it(tmp_path, image_folder, capsys,
+                                                            monkeypatch):
+  # Any accuracy counts as near chance here, so that the repeat does not hang on what 4 steps
+  # of the tiny model happen to reach.
+  monkeypatch.setattr(train, 'NEAR_CHANCE', 100.0)
+  train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
+  out, err = capsys.readouterr()
+  assert out.splitlines()[-1].startswith('max val accuracy')
+  last = err.splitlines()[-1]
+  assert last.startswith('warning: validation accuracy ') and 'is near chance (33%)' in last, last
+  assert 'momentum 0.99 over the 4 steps trained leaves 96%' in last
+  # The remedy measured to lift a short run above chance comes first.
+  assert last.index('--config.bn_recalibrate_batches=20') < last.index('--config.bn_momentum=0.9')
+
+
+def test_a_result_above_chance_is_not_warned_of_again(tmp_path, image_folder, capsys,
+                                                      monkeypatch):
+  monkeypatch.setattr(train, 'NEAR_CHANCE', 0.0)
+  train.train_and_evaluate(config_for(image_folder), str(tmp_path / 'run'), quiet=True)
+  assert 'warning: validation accuracy' not in capsys.readouterr().err
 
 
 def test_no_warmup_warning_when_statistics_are_recomputed(tmp_path, image_folder, capsys):
   config = config_for(image_folder)
   config.bn_recalibrate_batches = 2
   train.train_and_evaluate(config, str(tmp_path / 'run'), quiet=True)
-  assert 'warning: BatchNorm' not in capsys.readouterr().out
+  assert 'warning:' not in ''.join(capsys.readouterr())
 
 
 def test_a_failed_start_leaves_no_workdir(tmp_path, image_folder):

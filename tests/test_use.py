@@ -284,6 +284,12 @@ def test_export_writes_an_onnx_model_that_onnxruntime_runs_like_jax(trained, run
   assert result['max_difference'] < 1e-4 and result['check_images'] == 18
   assert (f'onnxruntime vs JAX on 18 test images: largest logit difference '
           f'{result["max_difference"]:.3g}') in log
+  # The export says which checks ran, for both models.
+  assert ('checks (float32): onnx.checker full check passed; onnxruntime session (log level 0) '
+          'wrote no warnings; grouped convolutions as grouped Conv: group = 3, 8') in log
+  assert ('checks (int8): onnx.checker full check passed; onnxruntime session (log level 0) '
+          'wrote no warnings') in log
+  onnx.checker.check_model(model, full_check=True)
   # Any batch size (the batch dimension is dynamic).
   assert session.run(None, {'images': images[:1]})[0].shape == (1, 3)
 
