@@ -35,16 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   # The augmentation of those batches: 'train' (config.augment's, as training saw the images),
   # or a list like config.augment's ('none' = the images as evaluation sees them).
   config.bn_recalibrate_augment = 'train'
-  # Depthwise convolution form: 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'.
-  # This and dropout_impl reach models that declare an `options` field (the built-in ones and
-  # 'sequential'); for any other model their defaults keep its own forms.
+  # Depthwise convolution form of every model, however written (dsconv_jax/fast_forms.py):
+  # 'auto' (shifted on CPU; elsewhere the form timed faster on the model's own depthwise
+  # convolutions when the run starts), 'grouped', 'shifted'.
   config.depthwise_impl = 'auto'
   # Activation dtype: 'float32', or 'bfloat16' for mixed precision (parameters, BatchNorm
   # statistics, gradients and the loss stay float32). bfloat16 halves activation memory traffic on
   # GPUs and TPUs; on CPUs it is slower (BENCHMARKS.md).
   config.compute_dtype = 'float32'
-  # Dropout masks: 'hash' (a seeded counter hash, fused into the step: BENCHMARKS.md) or
-  # 'threefry' (jax.random.bernoulli, Flax's own masks; about 2x slower on CPU).
+  # Dropout masks of every model: 'hash' (a seeded counter hash, fused into the step:
+  # BENCHMARKS.md) or 'threefry' (jax.random.bernoulli, Flax's own masks; about 2x slower on CPU).
   config.dropout_impl = 'hash'
   # Widest width multiplier (1/64 grid) whose parameter count stays below N; 0 = off (budget.py).
   config.fit_params = 0

@@ -25,6 +25,7 @@ from dsconv_jax import analysis
 from dsconv_jax import augment as augment_lib
 from dsconv_jax import budget
 from dsconv_jax import data as data_lib
+from dsconv_jax import fast_forms
 from dsconv_jax import layers
 from dsconv_jax import models
 from dsconv_jax import optim
@@ -238,20 +239,27 @@ def describe_model(config: ml_collections.ConfigDict, image_shape, num_classes: 
   return ModelDescription(config, model, report, width)
 
 
-def model_options_used(config: ml_collections.ConfigDict, model: Any,
-                       image_shape) -> dict[str, Any]:
+def model_options_used(config: ml_collections.ConfigDict, model: Any, image_shape,
+                       forms: fast_forms.Forms | None = None) -> dict[str, Any]:
   """The model options as the model runs them, for summary.json: the distinct momenta and
-  epsilons of its BatchNorm layers (in call order), and the layer forms it computes with
-  (None: a model without `options` keeps its own forms)."""
+  epsilons of its BatchNorm layers (in call order), and the layer forms it computes with:
+  `forms`, the run's (`Experiment.forms`, which every model trains in, however written); without
+  them, what the config asks of a model with `options` (None for another model)."""
   settings = analysis.batch_norm_settings(model, image_shape)
   distinct = lambda values: list(dict.fromkeys(values))
   takes_options = models.declares(models.module_class(model), 'options')
+  if forms is not None:
+    depthwise, dropout = forms.depthwise, forms.dropout
+  elif takes_options:
+    depthwise = layers.resolve_depthwise_impl(config.get('depthwise_impl', 'auto'))
+    dropout = config.get('dropout_impl', 'hash')
+  else:
+    depthwise = dropout = None
   return {
       'bn_momentum': distinct(m for m, _ in settings),
       'bn_epsilon': distinct(e for _, e in settings),
-      'depthwise_impl': (layers.resolve_depthwise_impl(config.get('depthwise_impl', 'auto'))
-                         if takes_options else None),
-      'dropout_impl': config.get('dropout_impl', 'hash') if takes_options else None,
+      'depthwise_impl': depthwise,
+      'dropout_impl': dropout,
   }
 
 
@@ -278,6 +286,10 @@ class Experiment:
   evaluate_tta_multicrop: Callable | None = None
   # jitted (state, images, epoch) -> state with recalibrated BatchNorm statistics, or None.
   recalibrate: Callable | None = None
+  # The fast forms every step of the run computes in (`accelerate_state`), and the depthwise
+  # timings an 'auto' choice was made by (None when nothing was timed).
+  forms: fast_forms.Forms | None = None
+  depthwise_seconds: dict[str, float] | None = None
 
   @property
   def model(self) -> nn.Module:
@@ -314,6 +326,30 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
                                    tx=tx, ema=bool(ema_decay_of(config)),
                                    init_params=init_params),
                  out_shardings=NamedSharding(mesh, P()))(jax.random.fold_in(seed_key, steps.INIT))
+
+
+def accelerate_state(config: ml_collections.ConfigDict, state: steps.TrainState, image_shape,
+                     batch_size: int
+                     ) -> tuple[steps.TrainState, fast_forms.Forms, dict[str, float] | None]:
+  """`state` whose `apply_fn` computes in the fast forms (`dsconv_jax.fast_forms.accelerate`),
+  the forms, and the timings behind an 'auto' depthwise choice (taken on accelerators only, on
+  the model's training computation at `batch_size` images per device).
+
+  The one place where every model, however it is written, gets the fast forms: every train,
+  evaluation and recalibration step calls `state.apply_fn`.
+  """
+  apply_fn = state.apply_fn
+
+  def trace():
+    x = jax.ShapeDtypeStruct((batch_size, *image_shape), config.get('compute_dtype', 'float32'))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return jax.make_jaxpr(lambda v, x: apply_fn(
+        v, x, train=True, rngs={'dropout': jax.random.key(0)}, mutable=['batch_stats']))(
+            variables, x)
+
+  forms, seconds = fast_forms.resolve_forms(config.get('depthwise_impl', 'auto'),
+                                            config.get('dropout_impl', 'hash'), trace)
+  return state.replace(apply_fn=fast_forms.accelerate(apply_fn, forms)), forms, seconds
 
 
 def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array, std: jax.Array,
@@ -358,6 +394,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
 
   # The data lives on the devices, rows split over the mesh; each process transfers its part.
   n_dev = mesh.size
+  state, forms, depthwise_seconds = accelerate_state(config, state, data.image_shape,
+                                                     config.batch_size // n_dev)
   mean_d = steps.put_replicated(mesh, np.asarray(mean, np.float32))
   std_d = steps.put_replicated(mesh, np.asarray(std, np.float32))
   train_epoch = steps.make_train_epoch(
@@ -398,7 +436,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
       train_labels=steps.put_sharded_rows(mesh, steps.pad_rows(data.train.labels, n_dev)),
       train_epoch=train_epoch, eval_batch_size=eval_batch_size, evaluate=make_evaluate(),
       evaluate_tta_flip=make_evaluate(tta_flip=True), evaluate_tta_multicrop=multicrop,
-      recalibrate=recalibrate)
+      recalibrate=recalibrate, forms=forms, depthwise_seconds=depthwise_seconds)
 
 
 def _view_batch_size(eval_batch_size: int, views: int, n_dev: int) -> int:

@@ -44,6 +44,26 @@ def shifted_taps_strided(x, k, strides, dilation, out_size):
   return out
 
 
+def shifted_depthwise(x, k, strides, padding, dilation):
+  """Depthwise convolution of NHWC `x` (C channels) with a (kh, kw, C * m) kernel, as shifted
+  multiply-adds: output channel `c * m + j` is input channel `c` against `k[..., c * m + j]`, as in
+  XLA's grouped convolution with `feature_group_count=C`. `padding` is ((top, bottom), (left,
+  right)) of zeros; the stride-1 form has the hand-written gradient of `shifted_taps`.
+  """
+  kh, kw, cm = k.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  if any(padding[0]) or any(padding[1]):
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  if cm != x.shape[3]:
+    x = jnp.repeat(x, cm // x.shape[3], axis=-1)
+  k = k.astype(x.dtype)
+  if (sh, sw) == (1, 1):
+    return shifted_taps(x, k, (dh, dw))
+  out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
+  out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
+  return shifted_taps_strided(x, k, (sh, sw), (dh, dw), (out_h, out_w))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def shifted_taps(x, k, dilation):
   """The shifted depthwise form at stride 1, on the padded input, with a hand-written gradient.

@@ -18,13 +18,17 @@ Depthwise convolution has two numerically equivalent implementations (`Options.d
 kh*kw shifted, scaled copies of the input (at stride 1 with a hand-written gradient). Inside
 Model 3's compiled CPU epoch the shifted form trains about 80x faster than the grouped one
 (results/throughput-cpu-forms), while the grouped form keeps one fused convolution on
-accelerators. 'auto' picks 'shifted' on CPU and 'grouped' elsewhere; `python -m
-dsconv_jax.throughput` times both forms of a model on the device at hand (BENCHMARKS.md).
+accelerators. Here 'auto' emits 'shifted' on CPU and 'grouped' elsewhere; training then puts
+every model's depthwise convolutions, these layers' included, in the form timed faster on an
+accelerator (`dsconv_jax.fast_forms`: on an H200 the shifted form trained DS-ResNet 1.26x faster
+than grouped, results/gpu-h200-dsresnet-bench). `python -m dsconv_jax.throughput` times both
+forms of a model on the device at hand (BENCHMARKS.md).
 
 Pointwise convolution, tiled max pooling and the stride-1 shifted depthwise form use the
 hand-written gradients of `dsconv_jax.fast_grads` (for speed on XLA's CPU backend), and dropout
 draws its masks from a counter hash (`Options.dropout`); each is measured against the plain form in
-BENCHMARKS.md. BatchNorm averages its statistics over `Options.batch_norm_axis` when set (only
+BENCHMARKS.md; `dsconv_jax.fast_forms` gives the same forms to models written without these layers
+(plain Flax). BatchNorm averages its statistics over `Options.batch_norm_axis` when set (only
 needed under `jax.pmap`).
 """
 
@@ -37,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsconv_jax.fast_grads import pointwise_conv, shifted_taps, shifted_taps_strided, tiled_max_pool
+from dsconv_jax.fast_grads import pointwise_conv, shifted_depthwise, tiled_max_pool
 
 glorot_uniform = nn.initializers.glorot_uniform()
 zeros = nn.initializers.zeros
@@ -136,19 +140,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, strides=(1, 1), padding='
         rhs_dilation=dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=c)
   # Shifted multiply-adds: the same sums, as kh*kw strided slices of the padded input.
-  sh, sw = strides
-  dh, dw = dilation
   if padding == 'SAME':
-    ph, pw = _same_padding(x.shape[1], kh, sh, dh), _same_padding(x.shape[2], kw, sw, dw)
-    x = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-  out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-  if m > 1:
-    x = jnp.repeat(x, m, axis=-1)
-  k = kernel.reshape(kh, kw, c * m).astype(x.dtype)
-  if strides == (1, 1):
-    return shifted_taps(x, k, (dh, dw))
-  return shifted_taps_strided(x, k, (sh, sw), (dh, dw), (out_h, out_w))
+    pads = (_same_padding(x.shape[1], kh, strides[0], dilation[0]),
+            _same_padding(x.shape[2], kw, strides[1], dilation[1]))
+  else:
+    pads = ((0, 0), (0, 0))
+  return shifted_depthwise(x, kernel.reshape(kh, kw, c * m), strides, pads, dilation)
 
 
 class DepthwiseConv2D(Layer):

@@ -13,9 +13,9 @@ directory, or installed), called as `module(images, train=...)` and returning lo
 
 The configuration's model options (`MODEL_OPTIONS`) reach every model: a model that declares the
 option as a field (a constructor argument for NNX) gets it as one; otherwise `config.bn_momentum`
-and `config.bn_epsilon` are set on each of its BatchNorm layers, and a layer-form option
-(`config.depthwise_impl`, `config.dropout_impl`) set to anything but its default stops the run
-with one line saying why. Their defaults mean "the model's own value".
+and `config.bn_epsilon` are set on each of its BatchNorm layers, and the layer forms
+(`config.depthwise_impl`, `config.dropout_impl`) reach it through training's rewrite of its traced
+computation (`dsconv_jax.fast_forms`). The BatchNorm defaults mean "the model's own value".
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 SEQUENTIAL = 'sequential'  # config.model for a model written as config.layers.
 
 # The model options of the configuration: every model gets them (see the module docstring).
-# Layer-form options and their defaults, which leave each model its own forms.
+# Layer-form options and their defaults.
 LAYER_FORM_DEFAULTS = {'depthwise_impl': 'auto', 'dropout_impl': 'hash'}
 MODEL_OPTIONS = ('bn_momentum', 'bn_epsilon', *LAYER_FORM_DEFAULTS)
 
@@ -540,7 +540,7 @@ def build_model(config, num_classes: int) -> Any:
   implementation `options` (config.depthwise_impl, dropout_impl) and `bn_momentum`/`bn_epsilon`
   (config.bn_momentum, bn_epsilon) goes to a model that declares that field, and never replaces a
   value given in model_kwargs; a model that does not declare them gets `bn_momentum`/`bn_epsilon`
-  on each BatchNorm layer, and a UserError for a layer-form option set away from its default.
+  on each BatchNorm layer, and the layer forms through training (`dsconv_jax.fast_forms`).
   `width_multiplier` comes only from model_kwargs (where `config.fit_params` puts it,
   `dsconv_jax.budget`).
   """
@@ -560,14 +560,9 @@ def build_model(config, num_classes: int) -> Any:
     if field not in kwargs and declares(make, field):
       kwargs[field] = value()
   if not declares(make, 'options'):
-    options_from_config(config)  # Checks the values first.
-    for key, default in LAYER_FORM_DEFAULTS.items():
-      value = config.get(key, default)
-      if value != default:
-        raise UserError(
-            f'config.{key}={value!r} cannot reach model {name!r}: its module declares no '
-            '`options` field (dsconv_jax.layers.Options), so its layers keep their own forms; '
-            f'leave config.{key} at {default!r} (the model\'s own form)')
+    # Checked here too: the forms reach such a model through training's rewrite of its traced
+    # computation (`dsconv_jax.fast_forms`), not through a field.
+    options_from_config(config)
   override = {k: v for k, v in batch_norm.items() if not declares(make, k)}
   if nnx_adapter.is_nnx_class(make):
     return nnx_adapter.NNXModel(make, kwargs, name=name, **override)

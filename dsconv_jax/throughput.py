@@ -105,7 +105,7 @@ class JaxRunner(Runner):
     self._epoch = 0
 
   def setup(self) -> float:
-    from dsconv_jax import experiment, layers
+    from dsconv_jax import experiment
 
     config = self.config
     size = int(config.get('image_size', 0) or 32)
@@ -114,7 +114,9 @@ class JaxRunner(Runner):
     self.experiment = experiment.create_experiment(config, data)
     report = self.experiment.description.report
     self.params, self.macs = report.params_total, report.macs_total
-    self.depthwise_resolved = layers.resolve_depthwise_impl(config.depthwise_impl)
+    # The form the run computes in: 'auto' is measured on accelerators (`fast_forms`).
+    self.depthwise_resolved = self.experiment.forms.depthwise
+    self.depthwise_seconds = self.experiment.depthwise_seconds
     self.state = self.experiment.state
     self.compiled, compile_seconds = self.experiment.compile_epoch(self.state)
     self.run_chunk()  # Warm-up: first-run allocations and thread start-up.
@@ -283,6 +285,8 @@ def measure(config, *, peer: str = '', steps_per_chunk: int = 20, chunks: int = 
     variant_rows.append({'overrides': runner.overrides, **runner.variant,
                          'params': runner.params, 'macs': runner.macs,
                          'depthwise_resolved': runner.depthwise_resolved,
+                         **({'depthwise_seconds': runner.depthwise_seconds}
+                            if runner.depthwise_seconds else {}),
                          'train_images_per_second': res['images_per_second'],
                          'epoch_seconds_50k': res['epoch_seconds_50k'],
                          'compile_seconds': res['compile_seconds'],

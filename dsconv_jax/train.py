@@ -393,7 +393,8 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
       'macs_per_image': report.macs_total,
       # BatchNorm momenta and epsilons and layer forms as the model ran them (config.bn_momentum
       # and the like say None for "the model's own").
-      'model_options': experiment_lib.model_options_used(config, exp.model, data.image_shape),
+      'model_options': experiment_lib.model_options_used(config, exp.model, data.image_shape,
+                                                         exp.forms),
       'width_multiplier': width['width_multiplier'],
       'fit_params': width['fit_params'],
       'val_split': data.val_split,

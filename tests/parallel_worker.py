@@ -13,17 +13,30 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from dsconv_jax import experiment, layers, models, steps
+from dsconv_jax import experiment, fast_forms, layers, models, steps
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 
 N_STEPS, BATCH = 3, 16
 
 
-def fresh_state(dropout, batch_norm_axis=None):
+def fresh_state(dropout, batch_norm_axis=None, fast=False):
+  """The tiny model's initial state; with `fast`, its grouped depthwise convolutions are put in
+  the shifted form by `fast_forms.accelerate` (what `experiment` does to every model)."""
   options = layers.Options(depthwise='grouped', batch_norm_axis=batch_norm_axis)
   model = models.create_model('tiny', dropout_rate=dropout, options=options)
-  return steps.create_train_state(model, jax.random.key(0), (32, 32, 3), optax.adam(1e-2))
+  state = steps.create_train_state(model, jax.random.key(0), (32, 32, 3), optax.adam(1e-2))
+  if fast:
+    state = state.replace(apply_fn=fast_forms.accelerate(model.apply, fast_forms.Forms()))
+  return state
+
+
+def grouped_convs(state):
+  """How many grouped (depthwise) convolutions the state's apply_fn computes."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  return len(fast_forms.depthwise_convs(
+      jax.make_jaxpr(lambda v: state.apply_fn(v, x))(variables)))
 
 
 def max_diff(a, b):
@@ -69,20 +82,24 @@ def main():
           lambda s, x, y, k: step(s, x, y, jax.random.wrap_key_data(k), axis_name='batch'),
           axis_name='batch')
       # The model's BatchNorm averages its statistics over the pmap axis, like the gradients.
-      state = jax.tree.map(lambda a: np.stack([np.asarray(a)] * 4),
-                           fresh_state(dropout, batch_norm_axis='batch'))
-      losses_pmap = []
-      for i in range(N_STEPS):
-        key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(i)))] * 4)
-        state, m = pstep(state, images[i].reshape(4, BATCH // 4, 32, 32, 3),
-                         labels[i].reshape(4, BATCH // 4), key_data)
-        losses_pmap.append(float(m['loss'][0]))
-      params_pmap = jax.tree.map(lambda a: a[0], state.params)
-      out['pmap'] = {'loss_diff': max(abs(a - b) for a, b in zip(losses_1, losses_pmap)),
+      for form, fast in (('pmap', False), ('pmap_fast_forms', True)):
+        state = jax.tree.map(lambda a: np.stack([np.asarray(a)] * 4),
+                             fresh_state(dropout, batch_norm_axis='batch', fast=fast))
+        losses_pmap = []
+        for i in range(N_STEPS):
+          key_data = np.stack([np.asarray(jax.random.key_data(jax.random.key(i)))] * 4)
+          state, m = pstep(state, images[i].reshape(4, BATCH // 4, 32, 32, 3),
+                           labels[i].reshape(4, BATCH // 4), key_data)
+          losses_pmap.append(float(m['loss'][0]))
+        params_pmap = jax.tree.map(lambda a: a[0], state.params)
+        out[form] = {'loss_diff': max(abs(a - b) for a, b in zip(losses_1, losses_pmap)),
                      'param_diff': max_diff(params_1, params_pmap),
                      'replicas_agree': max_diff(jax.tree.map(lambda a: a[0], state.params),
                                                 jax.tree.map(lambda a: a[3], state.params))}
     out[f'losses_dropout{dropout}'] = losses_1
+
+  out['grouped_convs'] = {'plain': grouped_convs(fresh_state(0.0)),
+                          'fast_forms': grouped_convs(fresh_state(0.0, fast=True))}
 
   config = get_testing_config()
   config.batch_size = 6

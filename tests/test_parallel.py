@@ -38,10 +38,14 @@ def test_pmap_and_sharded_jit_match_one_device():
                        env=_env(4), capture_output=True, text=True, timeout=600, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.split('RESULT ', 1)[1])
-  for form in ('spmd_dropout0.0', 'spmd_dropout0.3', 'pmap'):
+  # pmap_fast_forms: the state's apply_fn rewritten by `fast_forms.accelerate` (as `experiment`
+  # does for every model) still runs under pmap with BatchNorm's named axis, to the same values.
+  for form in ('spmd_dropout0.0', 'spmd_dropout0.3', 'pmap', 'pmap_fast_forms'):
     assert result[form]['loss_diff'] < 1e-5, (form, result[form])
     assert result[form]['param_diff'] < 1e-5, (form, result[form])
   assert result['pmap']['replicas_agree'] == 0.0
+  assert result['pmap_fast_forms']['replicas_agree'] == 0.0
+  assert result['grouped_convs'] == {'plain': 2, 'fast_forms': 0}  # The rewrite did apply.
   # The runs really trained (losses move) and dropout changed them.
   assert result['losses_dropout0.0'][0] != result['losses_dropout0.0'][-1]
   assert result['losses_dropout0.0'] != result['losses_dropout0.3']
