@@ -87,10 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'jitter' (probability 0.9): brightness shift, contrast factor, saturation factor and hue turn,
   # each uniform in +-its value (around 0, 1, 1 and 0), kornia's ColorJiggle.
   config.color_jitter = (0.1, 0.1, 0.5, 0.05)
-  # Batch mixing after the augmentations: each image takes lam of a partner's (mixup: blended;
-  # cutmix: a box of that area), lam uniform in [0, this], and so does its loss (0 = off; one of
-  # the two at most).
+  # Batch mixing after the augmentations: each image is blended with a partner's, lam of the
+  # partner's, lam uniform in [0, this], and so is its loss (0 = off; mixup or cutmix, not both).
   config.mixup = 0.0
+  # Batch mixing after the augmentations: each image takes a box of lam of its area from a
+  # partner's, lam uniform in [0, this], and so does its loss (0 = off; mixup or cutmix, not both).
   config.cutmix = 0.0
   # The bound of lam grows linearly from 0 to mixup/cutmix over this fraction of the epochs
   # (0 = the full bound from the start; xvel/cifar10-tiniest's mixup: 0.5, half the run).
@@ -138,7 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
   # distill_weight x T^2 KL(teacher || student) at temperature T = distill_temperature. The
   # teacher must have trained on the same split (holdout, data_seed).
   config.distill_workdir = ''
+  # The teacher's share of the loss, in [0, 1] (with distill_workdir).
   config.distill_weight = 0.5
+  # The softmax temperature T of teacher and student in the distillation term (with
+  # distill_workdir; the term is scaled by T^2).
   config.distill_temperature = 4.0
   # Also report test_accuracy_tta_flip in summary.json (image and mirror averaged; off).
   config.tta_flip = False

@@ -120,10 +120,11 @@ def distill_settings(config: ml_collections.ConfigDict) -> tuple[str, float, flo
 
 
 def load_teacher(config: ml_collections.ConfigDict, data: 'Data', mesh, mean: jax.Array,
-                 std: jax.Array) -> steps.Teacher | None:
+                 std: jax.Array, run: Any) -> steps.Teacher | None:
   """The `steps.Teacher` of config.distill_workdir (None when unset): the finished run's
   evaluated weights on every device, scoring the student's normalised batch in its own
-  normalisation and compute dtype.
+  normalisation and compute dtype. `run` is that workdir's `inference.load_run` (loaded by the
+  caller: inference builds on this module).
 
   A UserError when the teacher may have trained on what the student validates on (another
   holdout or data_seed), or was trained on other classes or image sizes.
@@ -131,9 +132,9 @@ def load_teacher(config: ml_collections.ConfigDict, data: 'Data', mesh, mean: ja
   workdir, weight, temperature = distill_settings(config)
   if not workdir:
     return None
-  # inference builds on this module (a run's train state), so it is imported where it is used.
-  from dsconv_jax import inference  # pylint: disable=import-outside-toplevel
-  run = inference.load_run(workdir)
+  if run is None:
+    raise ValueError('config.distill_workdir is set: pass the loaded teacher run, '
+                     'create_experiment(..., teacher_run=inference.load_run(workdir))')
   split = run.summary.get('val_split', 'test')
   if config.get('holdout', 0) and (split != data.val_split or
                                    int(run.config.get('data_seed', 0)) != int(config.data_seed)):
@@ -147,11 +148,12 @@ def load_teacher(config: ml_collections.ConfigDict, data: 'Data', mesh, mean: ja
     raise UserError(f'config.distill_workdir={workdir!r} was trained on other classes or image '
                     f'sizes ({run.num_classes} classes of {run.image_shape}) than this run '
                     f'({data.num_classes} of {tuple(data.image_shape)})')
-  variables = jax.tree.map(lambda a: steps.put_replicated(mesh, a), run.variables)
+  # The network as built for `apply` and its variables (for an NNX run too, not the module).
+  variables = jax.tree.map(lambda a: steps.put_replicated(mesh, a), run.network_variables)
   t_mean = steps.put_replicated(mesh, np.asarray(run.mean, np.float32))
   t_std = steps.put_replicated(mesh, np.asarray(run.std, np.float32))
   dtype = run.config.get('compute_dtype', 'float32')
-  model = run.model
+  model = run.network
 
   def logits(x):
     x = ((x * std + mean - t_mean) / t_std).astype(dtype)
@@ -369,9 +371,11 @@ def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array, std: jax
 
 
 def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
-                      on_model: Callable[[ModelDescription], None] | None = None) -> Experiment:
+                      on_model: Callable[[ModelDescription], None] | None = None,
+                      teacher_run: Any = None) -> Experiment:
   """Builds the run of `config` on `data`; `on_model` sees the model before the state is built
-  (where `main` prints its table and refuses violated constraints)."""
+  (where `main` prints its table and refuses violated constraints). `teacher_run` is the
+  `inference.load_run` of config.distill_workdir when that is set."""
   validate_config(config)
   steps_per_epoch = len(data.train.labels) // config.batch_size
   if steps_per_epoch == 0:
@@ -402,7 +406,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
       mesh, steps_per_epoch=steps_per_epoch, batch_size=config.batch_size,
       num_examples=len(data.train.labels), seed_key=seed_key,
       step_fn=bind_train_step(config, mean_d, std_d, steps_per_epoch,
-                              load_teacher(config, data, mesh, mean_d, std_d)),
+                              load_teacher(config, data, mesh, mean_d, std_d,
+                                           teacher_run)),
       alternate_flip='altflip' in augment_lib.parse(config.augment))
   eval_batch_size = -(-config.eval_batch_size // n_dev) * n_dev
 

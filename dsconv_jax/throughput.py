@@ -106,12 +106,15 @@ class JaxRunner(Runner):
 
   def setup(self) -> float:
     from dsconv_jax import experiment
+    from dsconv_jax import inference
 
     config = self.config
     size = int(config.get('image_size', 0) or 32)
     # Exactly the run `main` builds, on synthetic data: one epoch is one timed chunk.
     data = experiment.synthetic_data(self.images_per_chunk, (size, size, 3), 10, config.seed)
-    self.experiment = experiment.create_experiment(config, data)
+    workdir = experiment.distill_settings(config)[0]
+    self.experiment = experiment.create_experiment(
+        config, data, teacher_run=inference.load_run(workdir) if workdir else None)
     report = self.experiment.description.report
     self.params, self.macs = report.params_total, report.macs_total
     # The form the run computes in: 'auto' is measured on accelerators (`fast_forms`).

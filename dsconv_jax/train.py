@@ -30,6 +30,7 @@ from dsconv_jax import compile_cache
 from dsconv_jax import confusion as confusion_lib
 from dsconv_jax import experiment as experiment_lib
 from dsconv_jax import fileio
+from dsconv_jax import inference
 from dsconv_jax import models
 from dsconv_jax import reporting
 from dsconv_jax import steps
@@ -172,6 +173,12 @@ def _finished_summary(workdir: str, config) -> dict[str, Any] | None:
   return summary
 
 
+def _teacher_run(config) -> inference.Run | None:
+  """The finished run config.distill_workdir names (None when unset)."""
+  workdir = experiment_lib.distill_settings(config)[0]
+  return inference.load_run(workdir) if workdir else None
+
+
 def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
            stop: stopping.StopOnSignals):
   """Everything before the first epoch: the experiment, the restored state, the callbacks, the
@@ -179,7 +186,8 @@ def _start(config, workdir: str, quiet: bool, show_model: bool, is_writer: bool,
   data = experiment_lib.load_data(config)
   stop.check(None)  # The checkpoints are not read yet: a resumed run's epoch is not known.
   exp = experiment_lib.create_experiment(
-      config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer))
+      config, data, on_model=lambda d: _report_model(d, data, workdir, is_writer),
+      teacher_run=_teacher_run(config))
   config = exp.config
   stop.check(None)
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import augment, experiment, steps, train
+from dsconv_jax import augment, experiment, inference, steps, train
 from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -77,6 +77,6 @@ def test_a_tiny_teacher_run_distils_into_a_student_of_the_same_split(tmp_path, i
   zeros = steps.put_replicated(mesh, np.zeros(3, np.float32))
   with pytest.raises(UserError, match='same holdout and data_seed'):
     experiment.load_teacher(tiny_config(image_folder, holdout=9, distill_workdir=teacher_dir),
-                            data, mesh, zeros, zeros)
+                            data, mesh, zeros, zeros, inference.load_run(teacher_dir))
   with pytest.raises(UserError, match='distill_weight'):
     experiment.validate_config(tiny_config(image_folder, distill_weight=1.5))

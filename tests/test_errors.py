@@ -75,7 +75,7 @@ CASES = {
     # Checked before the dataset is read: the folder here is empty, yet the schedule is named.
     'unknown_schedule_before_reading_data': (
         ['--config.lr_schedule=cosin', '--config.dataset=folder:{empty}'], 1,
-        "config.lr_schedule must be one of inverse_time, constant, cosine, onecycle, got 'cosin'"),
+        "config.lr_schedule must be one of inverse_time, constant, cosine, onecycle, cosine_onecycle, got 'cosin'"),
     'batch_does_not_fit_the_devices': (['--config.batch_size=7'], 1,
                                        'config.batch_size=7 does not divide over the 2 devices'),
     'unknown_tfds_dataset': (['--config.dataset=nosuchdataset'], 1,

@@ -53,7 +53,8 @@ def _run(config):
       lambda v: v + 0.5, variables.get('batch_stats', {}))}
   return inference.Run(workdir='unused', config=config, summary={}, class_names=CLASSES,
                        image_shape=SHAPE, mean=np.full(3, 120, np.float32),
-                       std=np.full(3, 60, np.float32), model=model, variables=variables,
+                       std=np.full(3, 60, np.float32), network=model,
+                       network_variables=variables,
                        epoch=1, ema=False)
 
 
