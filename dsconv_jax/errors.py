@@ -47,7 +47,9 @@ def run_cli(fn: Callable[[], object]) -> None:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(getattr(e, 'exit_code', 1))
   except Stopped as e:
-    print(e, file=sys.stderr, flush=True)
+    # One write: a line that no other thread's output can split.
+    sys.stderr.write(f'{e}\n')
+    sys.stderr.flush()
     sys.exit(e.exit_code)
   except KeyboardInterrupt:
     print('interrupted', file=sys.stderr, flush=True)

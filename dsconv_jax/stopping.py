@@ -48,6 +48,9 @@ class StopOnSignals:
     self.signum: int | None = None
     self._previous: dict[int, Any] = {}
     self._received = 0  # Signals counted by the watcher thread.
+    # Set once the first signal's notice is written: the stop message waits for it, so that the
+    # notice never lands after (or inside) the last line.
+    self._noticed = threading.Event()
     self._watcher: threading.Thread | None = None
     self._wakeup: tuple[int, int] | None = None  # The pipe's (read end, write end).
     self._previous_wakeup = -1
@@ -110,8 +113,13 @@ class StopOnSignals:
   def requested(self) -> bool:
     return self.signum is not None
 
+  def _await_notice(self) -> None:
+    if self._watcher is not None:
+      self._noticed.wait(timeout=5.0)
+
   def stopped(self, epoch: int) -> Stopped:
     """The exception to raise once epoch `epoch` is saved."""
+    self._await_notice()
     name = signal.Signals(self.signum).name
     return Stopped(f'stopped by {name} after saving epoch {epoch}; run the same command to '
                    'resume', self.signum)
@@ -119,6 +127,7 @@ class StopOnSignals:
   def stopped_before(self, epoch: int | None) -> Stopped:
     """The exception to raise when the signal came before epoch `epoch` started; `epoch=None`:
     before the workdir's checkpoints were read (a resumed run's are kept all the same)."""
+    self._await_notice()
     name = signal.Signals(self.signum).name
     if epoch is None:
       where, kept = 'training started', 'no checkpoint was written or changed'
@@ -158,6 +167,7 @@ class StopOnSignals:
     os.write(2, f'{clear}received {name}: stopping at the next safe point (after the current epoch '
                 f'is saved, or before training starts); send {name} again to stop at '
                 'once\n'.encode())
+    self._noticed.set()
 
 
 def defer_signals() -> StopOnSignals:

@@ -28,8 +28,9 @@ CLASSES = ['a', 'b', 'c']
 
 
 def _walkthrough_config():
-  """The model of README's 'Design your own model' walkthrough (its config block, as written)."""
-  with open(os.path.join(ROOT, 'README.md')) as f:
+  """The model of the documentation's walkthrough (docs/your_model.md, its config block, as
+  written)."""
+  with open(os.path.join(ROOT, 'docs', 'your_model.md')) as f:
     text = f.read()
   start = text.index('```', text.index('<!-- walkthrough-config -->'))
   start = text.index('\n', start) + 1

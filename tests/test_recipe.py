@@ -584,6 +584,7 @@ def test_full_recipe_trains_resumes_exactly_and_reports_tta(tmp_path, image_fold
   # epoch 2's checkpoint and metrics line gone.
   train.train_and_evaluate(recipe_config(image_folder, 2), resumed, quiet=True)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '2'))
+  os.unlink(os.path.join(resumed, 'summary.json'))
   with open(os.path.join(resumed, 'metrics.jsonl')) as f:
     first_line = f.readline()
   with open(os.path.join(resumed, 'metrics.jsonl'), 'w') as f:
