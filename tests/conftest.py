@@ -40,6 +40,14 @@ def image_folder(tmp_path):
 _OWN_CACHE = 'DSCONV_TEST_COMPILATION_CACHE'
 
 
+def pytest_collection_modifyitems(session, config, items):
+  """Files with slow tests first: run.sh spreads whole files over the workers (pytest-xdist's
+  loadfile), and a long file started last would keep one worker busy while the others idle."""
+  del session, config
+  slow_files = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in slow_files)  # Stable: the order within a file.
+
+
 def pytest_configure(config):
   """Gives each test process (the main one, or each pytest-xdist worker) a persistent compilation
   cache of its own, inherited by the programs it starts, so that a program compiled once (the tiny

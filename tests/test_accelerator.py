@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_accelerator_script_smoke_run_writes_every_result(tmp_path, cli_env):
   out = tmp_path / 'out'
   done = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'accelerator.sh'), '--smoke',
@@ -136,6 +139,7 @@ def test_device_prep_refuses_a_folder_that_is_not_an_image_dataset(tmp_path):
       f'error: {tmp_path} is not an image-folder dataset (no train/ and test/ in it)\n')
 
 
+@pytest.mark.slow
 def test_every_issue16_gpu_candidate_parses_and_fits_the_rules():
   # BENCHMARKS.md's sweep feeds each line of benchmarks/candidates16.txt to bench as overrides of
   # configs/dsresnet.py: a typo or an architecture over the budget would cost a GPU call.

@@ -44,6 +44,7 @@ def test_tiniest_gate_keeps_a_finite_gradient_where_exp_overflows():
   np.testing.assert_allclose(tiniest.gate(g[:2], 1.0), jnp.tanh(jnp.exp(g[:2])) * g[:2])
 
 
+@pytest.mark.slow
 def test_tiniest_initialises_as_pytorch_does():
   from examples import tiniest
   # One compiled init, with the one-operation depthwise form (the initial values are the same).
@@ -61,6 +62,7 @@ def test_tiniest_initialises_as_pytorch_does():
   np.testing.assert_array_equal(block['residual_scale'], 1.0)
 
 
+@pytest.mark.slow
 def test_dsresnet_dilation_and_kernel_mix_shape_the_depthwise_filters():
   base = models.DSResNet(widths=(8, 16), blocks=(1, 1))
   dilated = base.clone(dilation=2)
@@ -92,6 +94,7 @@ def candidate_lines():
     return [line.split(None, 1) for line in f if line.strip()]
 
 
+@pytest.mark.slow
 def test_every_screening_line_is_a_named_10_epoch_holdout_run_inside_the_rules():
   # benchmarks/screen40.sh trains each line as overrides of configs/dsresnet.py; a typo or a
   # model over the budget would cost a run of the screen.

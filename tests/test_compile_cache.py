@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax.monitoring
+import pytest
 
 from conftest import make_image_folder
 from dsconv_jax import callbacks as callbacks_lib
@@ -61,6 +62,7 @@ def cache_counts(workdir):
     return json.load(f)['compilation_cache']
 
 
+@pytest.mark.slow
 def test_processes_share_the_cache_and_another_seed_compiles_nothing(tmp_path, cli_env):
   folder = make_image_folder(tmp_path / 'images')
   cache = str(tmp_path / 'cache')

@@ -134,6 +134,7 @@ def test_the_linen_module_commands_run(tmp_path, cli_env):
   assert (tmp_path / 'my_module' / 'summary.json').exists()
 
 
+@pytest.mark.slow
 def test_the_walkthrough_runs_as_written(tmp_path, cli_env):
   """docs/your_model.md's walkthrough: its config file and four commands, one short epoch each."""
   folder = make_image_folder(tmp_path / 'images', per_class=(16, 4))

@@ -21,6 +21,7 @@ def execute(path: str):
   return notebook
 
 
+@pytest.mark.slow
 def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   if not all(importlib.util.find_spec(m) for m in ('nbclient', 'nbformat', 'ipykernel')):
     if os.environ.get('CI'):

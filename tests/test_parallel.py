@@ -142,6 +142,7 @@ def test_deterministic_config_sets_the_xla_gpu_flag(monkeypatch):
                                              '--xla_gpu_deterministic_ops=true']
 
 
+@pytest.mark.slow
 def test_model3_drift_between_1_and_4_devices_is_float32_rounding():
   """Model 3 on 1 device and on 4 (batch sharded) drifts apart in float32 (sums over the devices
   round in another order, and training amplifies it); in float64 the same steps agree to 1e-9."""

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_recipe import recipe_config
 
 from dsconv_jax import train
@@ -14,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'benchmarks', 'recalibration_study.py')
 
 
+@pytest.mark.slow
 def test_study_reproduces_the_run_and_evaluates_each_augmentation(tmp_path, image_folder):
   config = recipe_config(image_folder, 1)
   config.augment = 'crop,flip,cutout'
