@@ -111,7 +111,7 @@ def test_an_interrupted_nnx_run_resumes_to_the_same_metrics(finished, folder, tm
 
 
 def test_a_finished_nnx_run_is_its_trained_module_and_predicts_evaluates_and_exports(
-    finished, tmp_path):
+    finished, folder, tmp_path):
   from dsconv_jax import evaluate, export
   from examples.my_nnx_nets import SeparableNet
   workdir, summary = finished
@@ -124,6 +124,14 @@ def test_a_finished_nnx_run_is_its_trained_module_and_predicts_evaluates_and_exp
   assert result['accuracy'] == pytest.approx(summary['test_accuracy'])
   exported = export.export(workdir, str(tmp_path / 'model.onnx'), log=lambda *_: None)
   assert os.path.getsize(exported['out']) > 0 and exported['max_difference'] < 1e-4
+  # As a distillation teacher, it scores a normalised batch as the run evaluates.
+  student = nnx_config(folder)
+  student.distill_workdir = workdir
+  data = experiment.load_data(student)
+  mesh = steps.create_mesh()
+  mean, std = (steps.put_replicated(mesh, np.asarray(a, np.float32)) for a in (run.mean, run.std))
+  teacher = experiment.load_teacher(student, data, mesh, mean, std, run)
+  np.testing.assert_allclose(teacher.logits(x), run.model(x), atol=1e-4)
 
 
 def test_bench_trains_an_nnx_model_on_two_devices_to_the_one_device_metrics(finished, folder,
