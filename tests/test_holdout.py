@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from dsconv_jax import compare, data, experiment, reporting, train
-from dsconv_jax.defaults import get_testing_config
 from dsconv_jax.errors import UserError
 from test_models import load_config
+from test_train import config_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,16 +63,6 @@ def test_too_small_or_too_large_a_holdout_is_one_line(n, match):
   with pytest.raises(UserError, match=match) as e:
     data.split_holdout(indexed_split(), n, seed=0, num_classes=3)
   assert '\n' not in str(e.value)
-
-
-def config_for(folder, **overrides):
-  config = get_testing_config()
-  config.dataset = f'folder:{folder}'
-  config.train_examples = 0
-  config.eval_examples = 0
-  for k, v in overrides.items():
-    config[k] = v
-  return config
 
 
 def test_load_data_holds_out_before_train_examples_and_never_trains_on_the_holdout(
