@@ -110,9 +110,15 @@ def _is_array(x) -> bool:
 def evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any], forms: Forms) -> list[Any]:
   """The values of `jaxpr` (an open jaxpr) on `args`, with the fast forms of `forms` put in."""
   env: dict[Any, Any] = {}
+  # Values known while tracing: literals carried through operations that keep the value (a
+  # scalar placed on the mesh by `reshard`, say), so that a rule can read them.
+  constants: dict[Any, Any] = {}
 
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  def constant(v):
+    return v.val if isinstance(v, jex_core.Literal) else constants.get(v)
 
   for v, x in zip(jaxpr.constvars, consts):
     env[v] = x
@@ -122,21 +128,30 @@ def evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any], forms: Forms) ->
     invals = [read(v) for v in eqn.invars]
     ctx = getattr(getattr(eqn, 'ctx', None), 'manager', None) or contextlib.nullcontext()
     with ctx:
-      outs = _rewrite(eqn, invals, forms)
+      outs = _rewrite(eqn, invals, forms, constant)
       if outs is None:
         outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     if not eqn.primitive.multiple_results:
       outs = [outs]
+      if eqn.primitive.name in _KEEPS_VALUE and constant(eqn.invars[0]) is not None:
+        constants[eqn.outvars[0]] = constant(eqn.invars[0])
     for v, x in zip(eqn.outvars, outs):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]
 
 
-def _rewrite(eqn, invals, forms: Forms):
+# Primitives whose output has their (first) input's value: constants pass through them.
+_KEEPS_VALUE = frozenset({'reshard', 'convert_element_type', 'copy', 'copy_p', 'device_put',
+                          'sharding_constraint', 'mesh_cast'})
+
+
+def _rewrite(eqn, invals, forms: Forms, constant: Callable[[Any], Any]):
   """The outputs of `eqn` in a fast form (a list for multiple-result primitives), or None when
-  it keeps its own form."""
+  it keeps its own form. `constant(var)` is a variable's value when it is known while tracing."""
   rule = _RULES.get(eqn.primitive.name)
-  return None if rule is None else rule(eqn, invals, forms)
+  if rule is None:
+    return None
+  return rule(eqn, invals, forms, constant) if rule is _jit_rule else rule(eqn, invals, forms)
 
 
 def _closed(closed_jaxpr) -> tuple[Any, Sequence[Any]]:
@@ -260,10 +275,10 @@ def _max_pool_rule(eqn, invals, forms: Forms):
 _BERNOULLI = '_bernoulli'
 
 
-def _jit_rule(eqn, invals, forms: Forms):
+def _jit_rule(eqn, invals, forms: Forms, constant):
   p = eqn.params
   if p.get('name') == _BERNOULLI:
-    mask = _hash_bernoulli(eqn, invals, forms)
+    mask = _hash_bernoulli(eqn, invals, forms, constant(eqn.invars[1]))
     if mask is not None:
       return [mask]
   if not all(_unspecified(s) for s in (*p.get('in_shardings', ()), *p.get('out_shardings', ()))):
@@ -275,16 +290,17 @@ def _unspecified(sharding) -> bool:
   return type(sharding).__name__ == 'UnspecifiedValue'
 
 
-def _hash_bernoulli(eqn, invals, forms: Forms):
-  """`layers.hash_keep_mask`'s mask for a Bernoulli draw with a constant probability, or None."""
-  if forms.dropout != 'hash' or len(eqn.invars) != 2 or len(eqn.outvars) != 1:
+def _hash_bernoulli(eqn, invals, forms: Forms, p):
+  """`layers.hash_keep_mask`'s mask for a Bernoulli draw with the constant probability `p`
+  (None: not known while tracing), or None."""
+  if forms.dropout != 'hash' or len(eqn.invars) != 2 or len(eqn.outvars) != 1 or p is None:
     return None
-  key, p = eqn.invars
+  key = eqn.invars[0]
   out = eqn.outvars[0].aval
-  if (not isinstance(p, jex_core.Literal) or out.dtype != jnp.bool_ or key.aval.shape != ()
+  if (out.dtype != jnp.bool_ or key.aval.shape != ()
       or not jnp.issubdtype(key.aval.dtype, jax.dtypes.prng_key)):
     return None
-  keep = float(np.asarray(p.val))
+  keep = float(np.asarray(p))
   if not 0.0 < keep <= 1.0:
     return None
   return layers_lib.hash_keep_mask(invals[0], 1.0 - keep, out.shape)

@@ -316,12 +316,16 @@ def test_the_depthwise_measurement_times_both_forms():
 
 # --- The one hook: every model's training state computes in the fast forms -------------------
 
-@pytest.mark.parametrize('depthwise_impl,dropout_impl', [('auto', 'hash'),
-                                                         ('grouped', 'threefry')])
-def test_the_experiment_puts_the_fast_forms_into_every_step(depthwise_impl, dropout_impl):
+@pytest.mark.parametrize('model,depthwise_impl,dropout_impl', [
+    ('examples.my_nets:SeparableNet', 'auto', 'hash'),  # Plain Linen, dropout and max pooling.
+    ('examples.my_nets:SeparableNet', 'grouped', 'threefry'),
+    ('examples.plain_nets:Model3NNX', 'auto', 'hash'),  # Plain NNX, through nnx_adapter.
+])
+def test_the_experiment_puts_the_fast_forms_into_every_step(model, depthwise_impl, dropout_impl):
   config = get_testing_config()
-  config.model = 'examples.my_nets:SeparableNet'  # Plain Linen, with dropout and max pooling.
-  config.model_kwargs = {'widths': (8, 16)}
+  config.model = model
+  if 'SeparableNet' in model:
+    config.model_kwargs = {'widths': (8, 16)}
   config.depthwise_impl, config.dropout_impl = depthwise_impl, dropout_impl
   config.batch_size = 4
   data = experiment.synthetic_data(4, (32, 32, 3), 10, 0)
