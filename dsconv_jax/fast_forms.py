@@ -317,9 +317,20 @@ def _checkpoint_rule(eqn, invals, forms: Forms):
                         policy=p['policy'])(*invals)
 
 
+def _scan_counts(p) -> tuple[int, int]:
+  """(constants, carried values) among a scan's inputs: its `num_consts` and `num_carry` params,
+  or, where JAX no longer has them (0.12), the sizes of the first two groups of `ft_in`, the tree
+  (constants, carry, scanned inputs) of its flat inputs."""
+  if 'num_consts' in p:
+    return p['num_consts'], p['num_carry']
+  consts, carry = p['ft_in'].unpack()[:2]
+  count = lambda group: len(jax.tree.leaves(group, is_leaf=lambda x: x is None))
+  return count(consts), count(carry)
+
+
 def _scan_rule(eqn, invals, forms: Forms):
   p = eqn.params
-  n_consts, n_carry = p['num_consts'], p['num_carry']
+  n_consts, n_carry = _scan_counts(p)
   consts, carry, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[
       n_consts + n_carry:]
   inner = _call_fn(p['jaxpr'], forms)

@@ -56,8 +56,12 @@ class EventWriter:
     # Creates the file and writes the file_version event first: it makes TensorBoard purge by
     # SessionLog START (file_version >= 2) rather than by steps that go backwards.
     self._events = EventsWriter(os.path.join(logdir, 'events'), suffix)
-    self._write(Event(wall_time=time.time(), step=int(start_step),
-                      session_log=SessionLog(status=SessionLog.START)))
+    try:
+      self._write(Event(wall_time=time.time(), step=int(start_step),
+                        session_log=SessionLog(status=SessionLog.START)))
+    except OSError:
+      self.close()  # Quietly: the caller never gets a writer to close.
+      raise
 
   def scalars(self, values: dict[str, float], step: int) -> None:
     """Writes `values` as one event at `step`, tags as given, and flushes it to disk, so that a run
@@ -84,9 +88,17 @@ class EventWriter:
     except OSError:
       # The error was already raised by the write that hit it, and the bytes it left in the buffer
       # are lost either way: closing quietly keeps a caller's error path from raising it twice.
-      # The file object is then left to the garbage collector, which closes it without a word.
       if not self._failed:
         raise
+      # tensorboardX's close flushes before it closes, so the file is still open. Its own close
+      # fails to flush once more but closes it all the same; left to the garbage collector, it
+      # would print "Exception ignored" at exit (Python 3.13).
+      stream = getattr(getattr(self._events, '_py_recordio_writer', None), '_writer', None)
+      if stream is not None:
+        try:
+          stream.close()
+        except OSError:
+          pass
 
   def __enter__(self) -> EventWriter:
     return self

@@ -7,6 +7,7 @@ checkpoint), and its finished run predicts, evaluates and exports; bench trains 
 devices to the same metrics as one device (an epoch).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -122,8 +123,9 @@ def test_a_finished_nnx_run_is_its_trained_module_and_predicts_evaluates_and_exp
   np.testing.assert_allclose(run.predict(images), jax.nn.softmax(run.model(x)), atol=1e-5)
   result = evaluate.evaluate(run)
   assert result['accuracy'] == pytest.approx(summary['test_accuracy'])
-  exported = export.export(workdir, str(tmp_path / 'model.onnx'), log=lambda *_: None)
-  assert os.path.getsize(exported['out']) > 0 and exported['max_difference'] < 1e-4
+  if importlib.util.find_spec('jax2onnx'):  # The export extra (not in the newest-release run).
+    exported = export.export(workdir, str(tmp_path / 'model.onnx'), log=lambda *_: None)
+    assert os.path.getsize(exported['out']) > 0 and exported['max_difference'] < 1e-4
   # As a distillation teacher, it scores a normalised batch as the run evaluates.
   student = nnx_config(folder)
   student.distill_workdir = workdir
