@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 from jax.extend import core as jex_core
+from jax.extend import source_info_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,7 +128,10 @@ def evaluate(jaxpr, consts: Sequence[Any], args: Sequence[Any], forms: Forms) ->
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     ctx = getattr(getattr(eqn, 'ctx', None), 'manager', None) or contextlib.nullcontext()
-    with ctx:
+    # What an equation becomes keeps its name stack (the layer's module path) and source line,
+    # as jax's own evaluation of a jaxpr does: HLO metadata and profiles still name the layers.
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), ctx:
       outs = _rewrite(eqn, invals, forms, constant)
       if outs is None:
         outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
@@ -151,7 +155,7 @@ def _rewrite(eqn, invals, forms: Forms, constant: Callable[[Any], Any]):
   rule = _RULES.get(eqn.primitive.name)
   if rule is None:
     return None
-  return rule(eqn, invals, forms, constant) if rule is _jit_rule else rule(eqn, invals, forms)
+  return rule(eqn, invals, forms, constant)
 
 
 def _closed(closed_jaxpr) -> tuple[Any, Sequence[Any]]:
@@ -239,7 +243,8 @@ def shifted_conv(eqn, x, k):
   return _from_nhwc(y, out_spec)
 
 
-def _depthwise_rule(eqn, invals, forms: Forms):
+def _depthwise_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   if forms.depthwise == 'shifted' and is_depthwise(eqn):
     return shifted_conv(eqn, *invals)
   if forms.pointwise and is_pointwise(eqn):
@@ -258,7 +263,8 @@ def _pointwise(eqn, x, k):
 
 # --- Pooling and dropout ---------------------------------------------------------------------
 
-def _max_pool_rule(eqn, invals, forms: Forms):
+def _max_pool_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   p = eqn.params
   x = eqn.invars[0].aval
   window = tuple(p['window_dimensions'])
@@ -306,11 +312,13 @@ def _hash_bernoulli(eqn, invals, forms: Forms, p):
   return layers_lib.hash_keep_mask(invals[0], 1.0 - keep, out.shape)
 
 
-def _call_rule(eqn, invals, forms: Forms):
+def _call_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   return _call_fn(eqn.params['call_jaxpr'], forms)(*invals)
 
 
-def _checkpoint_rule(eqn, invals, forms: Forms):
+def _checkpoint_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   p = eqn.params
   body = _call_fn(p['jaxpr'], forms)
   return jax.checkpoint(lambda *a: body(*a), prevent_cse=p['prevent_cse'],
@@ -328,7 +336,8 @@ def _scan_counts(p) -> tuple[int, int]:
   return count(consts), count(carry)
 
 
-def _scan_rule(eqn, invals, forms: Forms):
+def _scan_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   p = eqn.params
   n_consts, n_carry = _scan_counts(p)
   consts, carry, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[
@@ -344,13 +353,15 @@ def _scan_rule(eqn, invals, forms: Forms):
   return [*carry, *ys]
 
 
-def _cond_rule(eqn, invals, forms: Forms):
+def _cond_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   branches = [_call_fn(b, forms) for b in eqn.params['branches']]
   index, operands = invals[0], invals[1:]
   return jax.lax.switch(index, [lambda *a, f=f: list(f(*a)) for f in branches], *operands)
 
 
-def _while_rule(eqn, invals, forms: Forms):
+def _while_rule(eqn, invals, forms: Forms, constant):
+  del constant  # Only the Bernoulli rule reads known values.
   p = eqn.params
   nc, nb = p['cond_nconsts'], p['body_nconsts']
   cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]

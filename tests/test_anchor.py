@@ -95,15 +95,17 @@ def candidate_lines():
 
 
 @pytest.mark.slow
-def test_every_screening_line_is_a_named_10_epoch_holdout_run_inside_the_rules():
+def test_every_screening_line_is_a_named_holdout_run_inside_the_rules():
   # benchmarks/screen40.sh trains each line as overrides of configs/dsresnet.py; a typo or a
   # model over the budget would cost a run of the screen.
-  lines = candidate_lines()
+  # The script sets each run's length (EPOCHS) and $WARMUP, 1% of it: 10 epochs here.
+  lines = [(name, text.replace('$WARMUP', '0.1')) for name, text in candidate_lines()]
   assert len(lines) >= 10 and len({name for name, _ in lines}) == len(lines)
   assert lines[0][0] == 'base'
   for _, overrides in lines:
-    assert '--config.num_epochs=10' in overrides and '--config.holdout=5000' in overrides
-  configs = throughput.configs_of(load_config('dsresnet'), [o for _, o in lines])[1:]
+    assert 'num_epochs' not in overrides and '--config.holdout=5000' in overrides
+  configs = throughput.configs_of(load_config('dsresnet'),
+                                  [f'--config.num_epochs=10 {o}' for _, o in lines])[1:]
   seen = {}
   for (name, text), (_, config) in zip(lines, configs):
     experiment.validate_config(config)
@@ -141,8 +143,8 @@ def test_screen_script_runs_the_reference_then_each_line_once_and_tables_them(tm
                   'echo {} > "$d/summary.json";; esac; done\n')
   fake.chmod(0o755)
   lines = tmp_path / 'lines.txt'
-  lines.write_text("base --config.num_epochs=10\n\nwide --config.model_kwargs.widths='(8,16)'\n"
-                   'taught --config.distill_workdir=$OUT/tiniest\n')
+  lines.write_text("base --config.seed=0\n\nwide --config.model_kwargs.widths='(8,16)'\n"
+                   'taught --config.distill_workdir=$OUT/tiniest --config.warmup_epochs=$WARMUP\n')
   out = tmp_path / 'out'
   run = lambda **env: subprocess.run(
       ['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data', str(out), str(lines)],
@@ -152,14 +154,34 @@ def test_screen_script_runs_the_reference_then_each_line_once_and_tables_them(tm
   calls = log.read_text().splitlines()
   assert len(calls) == 3 and 'tiniest' not in ' '.join(calls)  # Two runs, then the table.
   assert calls[2] == f'benchmarks/recipe_table.py {out}/base {out}/wide'
-  assert calls[1].endswith("--config=configs/dsresnet.py --config.model_kwargs.widths=(8,16)")
+  assert calls[1].endswith("--config=configs/dsresnet.py --config.num_epochs=10 "
+                           "--config.model_kwargs.widths=(8,16)")
   assert f'--workdir={out}/wide --config.dataset=folder:/data --quiet' in calls[1]
   log.write_text('')
   run()
   calls = log.read_text().splitlines()
   assert [c.split('--workdir=')[1].split()[0] for c in calls[:2]] == [
       f'{out}/tiniest', f'{out}/taught']  # The others had finished.
-  assert '--config=configs/tiniest.py' in calls[0] and '--config.ema_warmup=True' in calls[0]
-  assert calls[1].endswith(f'--config.distill_workdir={out}/tiniest')
+  assert calls[0].endswith('--config=configs/tiniest.py --config.num_epochs=10 '
+                           '--config.warmup_epochs=0.1 --config.ema_warmup=True')
+  assert calls[1].endswith(f'--config.distill_workdir={out}/tiniest --config.warmup_epochs=0.1')
   assert calls[2] == (f'benchmarks/recipe_table.py {out}/base {out}/wide {out}/taught '
                       f'{out}/tiniest')
+  # 50 epochs (the GPU's screen): every run that long, warm-ups 1% of it, and the reference
+  # network's EMA as published (no warm-up cap), the teacher its run of the same length.
+  log.write_text('')
+  long = tmp_path / 'long'
+  subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data', str(long),
+                  str(lines)], cwd=ROOT, env={**os.environ, 'PYTHON': str(fake), 'EPOCHS': '50'},
+                 check=True, timeout=60, capture_output=True, text=True)
+  calls = log.read_text().splitlines()
+  assert calls[0].endswith('--config=configs/tiniest.py --config.num_epochs=50 '
+                           '--config.warmup_epochs=0.5')
+  assert all('--config.num_epochs=50 ' in c for c in calls[1:4])
+  assert calls[3].endswith(f'--config.distill_workdir={long}/tiniest --config.warmup_epochs=0.5')
+  bad = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data',
+                        str(long), str(lines)], cwd=ROOT, env={**os.environ, 'EPOCHS': '5O'},
+                       timeout=60, capture_output=True, text=True)
+  assert bad.returncode == 2
+  assert bad.stderr.strip() == "error: EPOCHS must be a positive integer, got '5O'"
+

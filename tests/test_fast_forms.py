@@ -6,6 +6,7 @@ computation as traced (jax.grad of the un-rewritten function), in float32.
 """
 
 import functools
+import re
 
 import flax.linen as nn
 from flax import nnx
@@ -263,6 +264,25 @@ def test_plain_linen_and_nnx_models_get_every_fast_form(name):
   assert 'conv_general_dilated' not in names and 'reduce_window_max' not in names
   assert len(_threefry_masks(apply, params, rest, x)) == dropout_layers
   assert not _threefry_masks(fast, params, rest, x)
+
+
+def _layer_names(fn, *args) -> set[str]:
+  """The layer names (Flax module paths' parts, e.g. 'Conv_0') in the operations' locations of
+  `fn`'s lowered gradient: the names profiles and XLA dumps show."""
+  fn = jax.jit(fn)
+  loss = lambda *a: fn(*a)[0].sum()  # The logits'.
+  text = jax.jit(jax.grad(loss, (0, 2))).lower(*args).as_text(debug_info=True)
+  return {part for name in re.findall(r'loc\("([^"\[]+/[^"\[]+)"', text)  # Not the arguments'.
+          for part in name.split('/') if re.fullmatch(r'[A-Za-z]+_\d+', part)}
+
+
+def test_the_fast_forms_keep_the_layer_names_of_every_operation():
+  # Linen modules name their operations (NNX modules put no names on JAX's name stack).
+  apply, params, rest = PLAIN_MODELS['TinyLinen'][0](True)
+  x = _random((2, 32, 32, 3))
+  names = _layer_names(apply, params, rest, x)
+  assert len(names) >= 3, names
+  assert _layer_names(fast_forms.accelerate(apply), params, rest, x) == names
 
 
 @pytest.mark.parametrize('name', ['TinyLinen', 'TinyNNX'])
