@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,39 @@ def test_the_curves_legend_names_the_validation_split(tmp_path, monkeypatch):
                         val_splits=['holdout:5000', 'test'])
   assert labels == ['a train', 'a holdout', 'a train', 'a holdout',
                     'b train', 'b test', 'b train', 'b test']
+
+
+def results_splits(folder: str) -> set[str]:
+  """The validation splits of the training runs recorded under results/FOLDER (any depth)."""
+  found = set()
+  for root, _, files in os.walk(os.path.join(ROOT, 'results', folder)):
+    if 'summary.json' in files:
+      with open(os.path.join(root, 'summary.json')) as f:
+        summary = json.load(f)
+      if 'test_accuracy' in summary:  # A training run's, not a measurement's.
+        found.add(reporting.val_split_of(summary))
+  return found
+
+
+def results_index(text: str) -> list[tuple[list[str], str]]:
+  """results/README.md's table: (the folders a row names, its 'validated on' cell) per row."""
+  rows = []
+  for line in text.splitlines():
+    if line.startswith('| `'):
+      cells = [c.strip() for c in line.strip('|').split('|')]
+      rows.append((re.findall(r'`([^`]+)`', cells[0]), cells[1]))
+  return rows
+
+
+def test_the_results_index_says_what_each_run_validated_on():
+  with open(os.path.join(ROOT, 'results', 'README.md')) as f:
+    rows = results_index(f.read())
+  folders = {d for d in os.listdir(os.path.join(ROOT, 'results'))
+             if os.path.isdir(os.path.join(ROOT, 'results', d))}
+  assert sorted(folders - {n for names, _ in rows for n in names}) == []  # Each has its row.
+  for names, cell in rows:
+    splits = set().union(*(results_splits(n) for n in names))
+    assert cell == (', '.join(sorted(splits)) or '-'), names
+  # What a row says is read from its second cell, for each folder it names.
+  assert results_index('| `a`, `b` | holdout:5000 | x |\n| `c` | - | y |') == [
+      (['a', 'b'], 'holdout:5000'), (['c'], '-')]
