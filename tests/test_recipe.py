@@ -712,8 +712,9 @@ def test_recalibration_averages_batches_and_uses_the_evaluated_ema_weights():
   # The EMA weights' statistics (the second layer follows the EMA pointwise kernel) ...
   with_ema = steps.batch_statistics(state.replace(params=ema, ema_params=None), images,
                                     jax.random.key(0), mean=mean, std=std)
+  # A jitted against an eager computation in float32: variances agree to about 1e-5 relative.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(with_ema)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # ... and with 3 batches of 4, the mean of their statistics: the same overall mean.
   three = steps.make_recalibrate(mesh, num_batches=3, batch_size=4, num_examples=12,
                                  seed_key=jax.random.key(0), stats_fn=stats_fn)
