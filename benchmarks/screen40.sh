@@ -46,7 +46,8 @@ run() {  # NAME ARGS...: one training run into $OUT/NAME, unless it has finished
     return 0
   fi
   echo "== $name: $*"
-  "$PYTHON" -m dsconv_jax.main --workdir="$OUT/$name" --config.dataset="folder:$DATA" --quiet "$@"
+  # The config file comes first: its overrides may only follow it.
+  "$PYTHON" -m dsconv_jax.main "$@" --config.dataset="folder:$DATA" --workdir="$OUT/$name" --quiet
 }
 
 if wanted tiniest; then

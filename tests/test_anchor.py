@@ -134,13 +134,25 @@ def test_also_can_time_another_config_file_beside_the_config():
 def test_screen_script_runs_the_reference_then_each_line_once_and_tables_them(tmp_path):
   # A stand-in interpreter records each call and finishes each run at once: what is tested is
   # the script's plan (order, overrides, $OUT, skipping finished runs, the table's arguments).
+  # A training call's flags go through dsconv_jax.main's own parser (absl and ml_collections:
+  # the config file before its overrides), and the run's summary records the parsed config.
   import subprocess
+  import sys
   log = tmp_path / 'calls.txt'
   fake = tmp_path / 'python'
-  fake.write_text('#!/usr/bin/env bash\n'
-                  f'printf "%s\\n" "$*" >> {log}\n'
-                  'for a in "$@"; do case $a in --workdir=*) d=${a#--workdir=}; mkdir -p "$d"; '
-                  'echo {} > "$d/summary.json";; esac; done\n')
+  fake.write_text(
+      f'#!{sys.executable}\n'
+      'import json, os, sys\n'
+      f'open({str(log)!r}, "a").write(" ".join(sys.argv[1:]) + "\\n")\n'
+      'if sys.argv[1:3] == ["-m", "dsconv_jax.main"]:\n'
+      '  from absl import flags\n'
+      '  from dsconv_jax import main\n'
+      '  flags.FLAGS(["main", *sys.argv[3:]])\n'
+      '  config = flags.FLAGS.config\n'
+      '  os.makedirs(flags.FLAGS.workdir, exist_ok=True)\n'
+      '  with open(os.path.join(flags.FLAGS.workdir, "summary.json"), "w") as f:\n'
+      '    json.dump({"dataset": config.dataset, "epochs": config.num_epochs,\n'
+      '               "quiet": flags.FLAGS.quiet}, f)\n')
   fake.chmod(0o755)
   lines = tmp_path / 'lines.txt'
   lines.write_text("base --config.seed=0\n\nwide --config.model_kwargs.widths='(8,16)'\n"
@@ -148,23 +160,26 @@ def test_screen_script_runs_the_reference_then_each_line_once_and_tables_them(tm
   out = tmp_path / 'out'
   run = lambda **env: subprocess.run(
       ['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data', str(out), str(lines)],
-      cwd=ROOT, env={**os.environ, 'PYTHON': str(fake), **env}, check=True, timeout=60,
-      capture_output=True, text=True)
+      cwd=ROOT, env={**os.environ, 'PYTHON': str(fake), 'PYTHONPATH': ROOT, **env}, check=True,
+      timeout=120, capture_output=True, text=True)
   run(NAMES='base wide')
   calls = log.read_text().splitlines()
   assert len(calls) == 3 and 'tiniest' not in ' '.join(calls)  # Two runs, then the table.
   assert calls[2] == f'benchmarks/recipe_table.py {out}/base {out}/wide'
-  assert calls[1].endswith("--config=configs/dsresnet.py --config.num_epochs=10 "
-                           "--config.model_kwargs.widths=(8,16)")
-  assert f'--workdir={out}/wide --config.dataset=folder:/data --quiet' in calls[1]
+  tail = f' --config.dataset=folder:/data --workdir={out}/wide --quiet'
+  assert calls[1] == ('-m dsconv_jax.main --config=configs/dsresnet.py --config.num_epochs=10 '
+                      '--config.model_kwargs.widths=(8,16)' + tail)
+  with open(out / 'wide' / 'summary.json') as f:
+    assert json.load(f) == {'dataset': 'folder:/data', 'epochs': 10, 'quiet': True}
   log.write_text('')
   run()
   calls = log.read_text().splitlines()
   assert [c.split('--workdir=')[1].split()[0] for c in calls[:2]] == [
       f'{out}/tiniest', f'{out}/taught']  # The others had finished.
-  assert calls[0].endswith('--config=configs/tiniest.py --config.num_epochs=10 '
-                           '--config.warmup_epochs=0.1 --config.ema_warmup=True')
-  assert calls[1].endswith(f'--config.distill_workdir={out}/tiniest --config.warmup_epochs=0.1')
+  assert ('--config=configs/tiniest.py --config.num_epochs=10 --config.warmup_epochs=0.1 '
+          '--config.ema_warmup=True --config.dataset=') in calls[0]
+  assert (f'--config.distill_workdir={out}/tiniest --config.warmup_epochs=0.1 '
+          '--config.dataset=') in calls[1]
   assert calls[2] == (f'benchmarks/recipe_table.py {out}/base {out}/wide {out}/taught '
                       f'{out}/tiniest')
   # 50 epochs (the GPU's screen): every run that long, warm-ups 1% of it, and the reference
@@ -172,13 +187,15 @@ def test_screen_script_runs_the_reference_then_each_line_once_and_tables_them(tm
   log.write_text('')
   long = tmp_path / 'long'
   subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data', str(long),
-                  str(lines)], cwd=ROOT, env={**os.environ, 'PYTHON': str(fake), 'EPOCHS': '50'},
-                 check=True, timeout=60, capture_output=True, text=True)
+                  str(lines)], cwd=ROOT,
+                 env={**os.environ, 'PYTHON': str(fake), 'PYTHONPATH': ROOT, 'EPOCHS': '50'},
+                 check=True, timeout=120, capture_output=True, text=True)
   calls = log.read_text().splitlines()
-  assert calls[0].endswith('--config=configs/tiniest.py --config.num_epochs=50 '
-                           '--config.warmup_epochs=0.5')
+  assert ('--config=configs/tiniest.py --config.num_epochs=50 --config.warmup_epochs=0.5 '
+          '--config.dataset=') in calls[0]
   assert all('--config.num_epochs=50 ' in c for c in calls[1:4])
-  assert calls[3].endswith(f'--config.distill_workdir={long}/tiniest --config.warmup_epochs=0.5')
+  assert (f'--config.distill_workdir={long}/tiniest --config.warmup_epochs=0.5 '
+          '--config.dataset=') in calls[3]
   bad = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'screen40.sh'), '/data',
                         str(long), str(lines)], cwd=ROOT, env={**os.environ, 'EPOCHS': '5O'},
                        timeout=60, capture_output=True, text=True)
