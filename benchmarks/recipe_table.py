@@ -1,19 +1,26 @@
 """The recipe table: finished runs side by side with their difference to a baseline.
 
-    python benchmarks/recipe_table.py BASELINE_DIR DIR [DIR ...] > table.md
+    python benchmarks/recipe_table.py BASELINE DIR [DIR ...] > table.md
 
-For each run: what it changes against the baseline's config (keys whose values differ, read from
-summary.json), the split it validated on (summary.json's `val_split`: 'holdout:N', N training
-images never trained on, or 'test' for runs that validated on the test split, as every run from
-before the holdout did), parameters, multiply-accumulates per image (summary.json's
+Each argument is a run's folder, or runs of one config with different seeds joined by `+`
+(`A+B`: one row, each figure the seeds' mean ± sample standard deviation). For each row: what
+it changes against its reference's config (keys whose values differ, read from summary.json),
+the split it validated on (summary.json's `val_split`: 'holdout:N', N training images never
+trained on, or 'test' for runs that validated on the test split, as every run from before the
+holdout did), its epochs and seeds, parameters, multiply-accumulates per image (summary.json's
 `macs_per_image`, or for runs recorded before it, counted from the run's config), the final
 validation accuracy (the last epoch's: what a choice on the holdout reads), the max validation
-accuracy (epoch), the final test accuracy, the flip and multi-crop test-time-augmented
+accuracy (epochs), the final test accuracy, the flip and multi-crop test-time-augmented
 accuracies when the run reports them, the final training accuracy (metrics.jsonl, augmented
-batches), training seconds, and the final validation and test accuracies' differences to the
-baseline's in points (the validation difference only between runs on the same split: choices
-are made on it, never on the test figures). A run that reports no multi-crop accuracy gets the
-one `--multicrop DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR
+batches), training seconds (a seed's mean), and the final validation and test accuracies'
+differences to the reference's in points.
+
+A row's reference is the first row validated on the same split for the same number of epochs
+(the BASELINE for its own kind), so one table holds a short screen and full-length runs, each
+compared with its own baseline. The first row of another split or length is compared with the
+BASELINE on test only: validation figures are compared only on the same split and length, and
+choices are made on them, never on the test figures. A run that reports no multi-crop accuracy
+gets the one `--multicrop DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR
 --tta_flip --tta_translate=1`), marked with an asterisk.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +68,17 @@ def resolved(config: dict) -> dict:
   return out
 
 
+def effective(summary: dict) -> dict:
+  """The run's config, with the BatchNorm settings it left to the model (None) as the model ran
+  them (summary.json's `model_options`, where the run recorded one value)."""
+  config = dict(summary['config'])
+  for key in ('bn_momentum', 'bn_epsilon'):
+    ran = (summary.get('model_options') or {}).get(key)
+    if config.get(key) is None and isinstance(ran, list) and len(ran) == 1:
+      config[key] = ran[0]
+  return config
+
+
 def changes(config: dict, baseline: dict) -> str:
   a, b = resolved(config), resolved(baseline)
   keys = sorted(k for k in set(a) | set(b)
@@ -80,6 +99,63 @@ def pct(x) -> str:
   return '' if x is None else f'{100 * x:.2f}%'
 
 
+def spread(values) -> str:
+  """A figure in percent, or the mean and sample standard deviation of a seed group's."""
+  if any(v is None for v in values):
+    return ''
+  if len(values) == 1:
+    return pct(values[0])
+  return f'{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}%'
+
+
+class Row:
+  """One table row: a run, or a group of runs of one config with different seeds (`A+B`)."""
+
+  def __init__(self, entry: str, extra: dict):
+    self.dirs = [os.path.normpath(d) for d in entry.split('+')]
+    loaded = [load(d) for d in self.dirs]
+    self.summaries = [s for s, _ in loaded]
+    self.finals = [rows[-1] for _, rows in loaded]
+    first = self.summaries[0]
+    configs = [dict(s['config'], seed=None) for s in self.summaries]
+    if any(c != configs[0] for c in configs):
+      raise SystemExit(f'error: {entry}: a group holds runs of one config with different seeds')
+    self.name = ' + '.join(f'`{os.path.basename(d)}`' for d in self.dirs)
+    self.config = effective(first)
+    self.split = first.get('val_split', 'test')
+    self.epochs = first.get('epochs', first['config']['num_epochs'])
+    self.val = [r['val_accuracy'] for r in self.finals]
+    self.test = [s['test_accuracy'] for s in self.summaries]
+    self.multicrop, self.mark = [], ''
+    for d, s in zip(self.dirs, self.summaries):
+      value = s.get('test_accuracy_tta_multicrop')
+      if value is None and d in extra:
+        value, self.mark = extra[d], '*'
+      self.multicrop.append(value)
+
+  def key(self) -> tuple:
+    return self.split, self.epochs
+
+  def cells(self, reference: 'Row', first: 'Row') -> list[str]:
+    s = self.summaries
+    against = reference if reference is not self else first
+    if reference is not self or self is first:
+      val_delta = f'{100 * (statistics.mean(self.val) - statistics.mean(reference.val)):+.2f}'
+    else:
+      val_delta = '(other split)' if self.split != first.split else '(other length)'
+    delta = 100 * (statistics.mean(self.test) - statistics.mean(against.test))
+    best = ', '.join(str(x['best_epoch']) for x in s)
+    seeds = ', '.join(str(x['config'].get('seed', 0)) for x in s)
+    return [self.name, changes(self.config, against.config) if self is not first
+            else '(baseline)', self.split, str(self.epochs), seeds,
+            f'{s[0]["params_total"]:,}', f'{macs(s[0]) / 1e6:.1f}M', spread(self.val),
+            f'{spread([x["max_val_accuracy"] for x in s])} ({best})', spread(self.test),
+            spread([x.get('test_accuracy_tta_flip') for x in s]),
+            spread(self.multicrop) + self.mark,
+            spread([r['train_accuracy'] for r in self.finals]),
+            f'{statistics.mean(x["train_seconds"] for x in s):,.0f}', val_delta, f'{delta:+.2f}']
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('baseline')
@@ -87,30 +163,16 @@ def main(argv=None) -> None:
   parser.add_argument('--multicrop', action='append', default=[], metavar='DIR=ACC')
   args = parser.parse_args(argv)
   extra = {os.path.normpath(k): float(v) for k, v in (m.split('=', 1) for m in args.multicrop)}
-  base_summary, base_rows = load(args.baseline)
-  base_split = base_summary.get('val_split', 'test')
-  print('| run | change against the baseline | val split | params | MACs | final val | '
-        'max val (epoch) | test | flip TTA | multi-crop TTA | train acc | seconds | '
+  rows = [Row(entry, extra) for entry in [args.baseline, *args.dirs]]
+  references = {}
+  for row in rows:
+    references.setdefault(row.key(), row)
+  print('| run | change against the baseline | val split | epochs | seeds | params | MACs | '
+        'final val | max val (epoch) | test | flip TTA | multi-crop TTA | train acc | seconds | '
         'val - baseline | test - baseline |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
-  for directory in [args.baseline, *args.dirs]:
-    summary, rows = load(directory)
-    split = summary.get('val_split', 'test')
-    multicrop = summary.get('test_accuracy_tta_multicrop')
-    mark = ''
-    if multicrop is None and os.path.normpath(directory) in extra:
-      multicrop, mark = extra[os.path.normpath(directory)], '*'
-    val_delta = (f'{100 * (rows[-1]["val_accuracy"] - base_rows[-1]["val_accuracy"]):+.2f}'
-                 if split == base_split else '(other split)')
-    delta = 100 * (summary['test_accuracy'] - base_summary['test_accuracy'])
-    print(f'| `{os.path.basename(os.path.normpath(directory))}` | '
-          f'{changes(summary["config"], base_summary["config"])} | {split} | '
-          f'{summary["params_total"]:,} | {macs(summary) / 1e6:.1f}M | '
-          f'{pct(rows[-1]["val_accuracy"])} | '
-          f'{pct(summary["max_val_accuracy"])} ({summary["best_epoch"]}) | '
-          f'{pct(summary["test_accuracy"])} | {pct(summary.get("test_accuracy_tta_flip"))} | '
-          f'{pct(multicrop)}{mark} | {pct(rows[-1]["train_accuracy"])} | '
-          f'{summary["train_seconds"]:,.0f} | {val_delta} | {delta:+.2f} |')
+  print('|' + ' --- |' * 16)
+  for row in rows:
+    print('| ' + ' | '.join(row.cells(references[row.key()], rows[0])) + ' |')
 
 
 if __name__ == '__main__':

@@ -40,11 +40,53 @@ def test_recipe_table_lists_changes_split_cost_and_differences_to_the_baseline(t
   held = _run(tmp_path / 'held', config, 0.8300, val_split='holdout:5000',
               macs_per_image=20_500_000)
   rows = _table(base, other, held, f'--multicrop={base}=0.847')
-  assert rows[0] == ['| `base`', '(baseline)', 'test', '97,378', '22.5M', '79.00%', '80.00% (10)',
-                     '83.61%', '81.00%', '84.70%*', '52.00%', '1,234', '+0.00', '+0.00 |']
-  assert rows[1] == ['| `other`', "label_smoothing=0.2, model_kwargs.expansion=3", 'test',
-                     '97,378', '20.5M', '77.65%', '80.00% (10)', '82.80%', '81.00%', '83.84%',
-                     '52.00%', '1,234', '-1.35', '-0.81 |']
+  assert rows[0] == ['| `base`', '(baseline)', 'test', '50', '0', '97,378', '22.5M', '79.00%',
+                     '80.00% (10)', '83.61%', '81.00%', '84.70%*', '52.00%', '1,234', '+0.00',
+                     '+0.00 |']
+  assert rows[1] == ['| `other`', "label_smoothing=0.2, model_kwargs.expansion=3", 'test', '50',
+                     '0', '97,378', '20.5M', '77.65%', '80.00% (10)', '82.80%', '81.00%',
+                     '83.84%', '52.00%', '1,234', '-1.35', '-0.81 |']
   # The final holdout figure is not comparable with a baseline that validated on another split.
-  assert rows[2][2] == 'holdout:5000' and rows[2][5] == '79.00%'
+  assert rows[2][2] == 'holdout:5000' and rows[2][7] == '79.00%'
   assert rows[2][-2:] == ['(other split)', '-0.61 |']
+
+
+def test_recipe_table_averages_seed_groups_and_compares_each_length_with_its_own_baseline(
+    tmp_path):
+  config = load_config('dsresnet')
+  config.holdout = 5000
+  held = dict(val_split='holdout:5000', macs_per_image=22_500_000)
+
+  def seeds(name, figures):
+    out = []
+    for seed, (test, val) in enumerate(figures):
+      config.seed = seed
+      out.append(_run(tmp_path / f'{name}{seed}', config, test, val, **held))
+    config.seed = 0
+    return out
+
+  config.bn_epsilon = 1e-3  # Set in the config, as runs recorded before the key's default did.
+  long = seeds('long', [(0.8796, 0.8818), (0.8788, 0.8824)])
+  config.bn_epsilon = None  # Left to the model, which ran with the same value.
+  held['model_options'] = {'bn_epsilon': [1e-3], 'bn_momentum': [0.9]}
+  config.model_kwargs.kernel_size = 5
+  wide = seeds('k5-', [(0.8850, 0.8900), (0.8870, 0.8920)])
+  config.num_epochs = 10
+  short_k5 = _run(tmp_path / 'short-k5', config, 0.8299, 0.8394, **held)
+  config.model_kwargs.kernel_size = 3
+  short = _run(tmp_path / 'short', config, 0.8231, 0.8282, **held)
+  rows = _table('+'.join(long), '+'.join(wide), short, short_k5)
+  assert rows[0][:5] == ['| `long0` + `long1`', '(baseline)', 'holdout:5000', '50', '0, 1']
+  assert rows[0][7] == '88.21 ± 0.04%' and rows[0][9] == '87.92 ± 0.06%'
+  assert rows[0][8] == '80.00 ± 0.00% (10, 10)'
+  assert rows[1][1] == 'model_kwargs.kernel_size=5' and rows[1][7] == '89.10 ± 0.14%'
+  assert rows[1][-2:] == ['+0.89', '+0.68 |']
+  # The first 10-epoch row is compared with the 50-epoch baseline on test only, and becomes
+  # the reference of the 10-epoch rows after it.
+  assert rows[2][1] == 'num_epochs=10' and rows[2][3] == '10'
+  assert rows[2][-2:] == ['(other length)', '-5.61 |']
+  assert rows[3][1] == 'model_kwargs.kernel_size=5' and rows[3][-2:] == ['+1.12', '+0.68 |']
+  # A group of runs that differ in more than their seeds is refused.
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
+                        f'{long[0]}+{wide[1]}'], capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and 'different seeds' in bad.stderr
