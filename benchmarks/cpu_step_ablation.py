@@ -1,6 +1,7 @@
 """Side-by-side ablation of the hand-written gradients in dsconv_jax/layers.py, in one process.
 
-    python benchmarks/cpu_step_ablation.py --config=configs/model3.py [--steps=4] [--chunks=4]
+    python benchmarks/cpu_step_ablation.py --config=configs/model3.py [--steps=4] [--chunks=4] \
+        [--runners=current,taps_kernel_grad_per_tap]
 
 Each runner is `dsconv_jax.throughput`'s compiled epoch with some of the layers' fast paths
 replaced, while it is traced, by the plain autodiff form they replaced:
@@ -8,7 +9,12 @@ replaced, while it is traced, by the plain autodiff form they replaced:
 * `pointwise_einsum`: `pointwise_conv` as a bare einsum (autodiff gradient);
 * `pool_select_and_scatter`: `tiled_max_pool` as `nn.max_pool` (select-and-scatter gradient);
 * `taps_autodiff`: the stride-1 shifted depthwise form with autodiff instead of its own gradient;
-* `all_before`: all three, with Threefry dropout masks: the step with none of the fast paths.
+* `taps_kernel_grad_per_tap`: that gradient's kernel part as one pass over the batch per tap
+  instead of the CPU's chunked scan (`fast_grads._taps_kernel_grad_blocked`);
+* `all_before`: all of them, with Threefry dropout masks: the step with none of the fast paths.
+
+A replacement is made in every module that holds the name (`layers`, `fast_forms`, `fast_grads`),
+so built-in layers and models written in plain Flax are traced with it alike.
 
 Prints one JSON object: images per second (best chunk, chunks taken in turn) per runner.
 """
@@ -25,9 +31,10 @@ from absl import flags  # pylint: disable=wrong-import-position
 import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from dsconv_jax import cli, fast_grads, layers, reporting, throughput  # pylint: disable=wrong-import-position
+from dsconv_jax import cli, fast_forms, fast_grads, layers, reporting, throughput  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
+flags.DEFINE_list('runners', None, 'the runners to measure (default: all)')
 
 
 def _taps_autodiff(x, k, dilation):
@@ -42,41 +49,54 @@ REPLACEMENTS = {
     'pool_select_and_scatter': {
         'tiled_max_pool': lambda x, w: nn.max_pool(x, w, w, padding='VALID')},
     'taps_autodiff': {'shifted_taps': _taps_autodiff},
+    'taps_kernel_grad_per_tap': {
+        '_taps_kernel_grad_blocked': lambda *a, **k: fast_grads._taps_kernel_grad(*a, **k)},  # pylint: disable=protected-access
 }
+MODULES = (layers, fast_forms, fast_grads)
 RUNNERS = {
     'current': ((), 'hash'),
     'pointwise_einsum': (('pointwise_einsum',), 'hash'),
     'pool_select_and_scatter': (('pool_select_and_scatter',), 'hash'),
     'taps_autodiff': (('taps_autodiff',), 'hash'),
+    'taps_kernel_grad_per_tap': (('taps_kernel_grad_per_tap',), 'hash'),
     'all_before': (('pointwise_einsum', 'pool_select_and_scatter', 'taps_autodiff'), 'threefry'),
 }
 
 
 class AblatedRunner(throughput.JaxRunner):
-  """A JaxRunner traced with some of `layers`' functions replaced."""
+  """A JaxRunner traced with some of the fast paths' functions replaced."""
 
   def __init__(self, name, replacements, **kwargs):
     super().__init__(**kwargs)
     self.name, self.replacements = name, replacements
 
   def setup(self) -> float:
-    saved = {}
+    saved = []
     for group in self.replacements:
       for attr, fn in REPLACEMENTS[group].items():
-        saved[attr] = getattr(layers, attr)
-        setattr(layers, attr, fn)
+        holders = [m for m in MODULES if hasattr(m, attr)]
+        if not holders:
+          raise AttributeError(f'no module of {[m.__name__ for m in MODULES]} has {attr}')
+        for module in holders:
+          saved.append((module, attr, getattr(module, attr)))
+          setattr(module, attr, fn)
     try:
       return super().setup()  # Traces and compiles here.
     finally:
-      for attr, fn in saved.items():
-        setattr(layers, attr, fn)
+      for module, attr, fn in reversed(saved):
+        setattr(module, attr, fn)
 
 
 def main(argv) -> None:
   del argv
   config = cli.get_config()
+  unknown = sorted(set(FLAGS.runners or ()) - set(RUNNERS))
+  if unknown:
+    raise cli.UsageError(f'--runners: unknown {unknown}; known: {sorted(RUNNERS)}')
   runners = []
   for name, (groups, dropout) in RUNNERS.items():
+    if FLAGS.runners and name not in FLAGS.runners:
+      continue
     variant = throughput.variants_of(config, dropout=dropout)[0]
     runners.append(AblatedRunner(name, groups, config=throughput.config_for(config, variant),
                                  steps_per_chunk=FLAGS.steps, variant=variant))

@@ -92,11 +92,45 @@ def _shifted_taps_bwd(dilation, residuals, dy):
   ph, pw = (kh - 1) * dh, (kw - 1) * dw
   dy_padded = jnp.pad(dy, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   dx = shifted_taps_strided(dy_padded, k[::-1, ::-1], (1, 1), dilation, x.shape[1:3])
-  oh, ow = dy.shape[1:3]
-  dk = jnp.stack([
+  dk = jax.lax.platform_dependent(
+      x, dy, cpu=functools.partial(_taps_kernel_grad_blocked, taps=(kh, kw), dilation=dilation),
+      default=functools.partial(_taps_kernel_grad, taps=(kh, kw), dilation=dilation))
+  return dx, dk.astype(k.dtype)
+
+
+def _taps_kernel_grad(x, dy, taps, dilation):
+  """(kh, kw, C): per tap, the window of `x` it reads times `dy`, summed over batch and map."""
+  (kh, kw), (dh, dw), (oh, ow) = taps, dilation, dy.shape[1:3]
+  return jnp.stack([
       jnp.stack([jnp.sum(x[:, i * dh:i * dh + oh, j * dw:j * dw + ow] * dy, axis=(0, 1, 2),
                          dtype=_accumulation(x.dtype)) for j in range(kw)]) for i in range(kh)])
-  return dx, dk.astype(k.dtype)
+
+
+# Bytes of `x` per chunk of `_taps_kernel_grad_blocked`: the chunk and its output gradient stay
+# in a core's cache while every tap reads them. 128-1,024 KiB were within 15% of each other on
+# DS-ResNet's layers (2-core AMD EPYC), all 2-5x faster than one pass over the batch per tap.
+_CHUNK_BYTES = 640 * 1024
+
+
+def _taps_kernel_grad_blocked(x, dy, taps, dilation):
+  """`_taps_kernel_grad` a few images at a time: the same sums, with every tap reading a chunk
+  of the batch while it is in cache.
+
+  XLA's CPU backend compiles `_taps_kernel_grad` into one reduction per tap, each streaming `x`
+  and `dy` through memory; at kh * kw taps that was most of the depthwise layer's backward pass
+  (BENCHMARKS.md). A scan over chunks of the batch keeps each chunk in cache for all the taps.
+  """
+  n = x.shape[0]
+  image_bytes = x[0].size * x.dtype.itemsize
+  size = max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= _CHUNK_BYTES],
+             default=1)
+  chunks = lambda a: a.reshape(n // size, size, *a.shape[1:])
+
+  def add(total, chunk):
+    return total + _taps_kernel_grad(*chunk, taps, dilation), None
+
+  zeros = jnp.zeros((*taps, x.shape[3]), _accumulation(x.dtype))
+  return jax.lax.scan(add, zeros, (chunks(x), chunks(dy)))[0]
 
 
 shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
