@@ -8,9 +8,11 @@ replaced, while it is traced, by the plain autodiff form they replaced:
 
 * `pointwise_einsum`: `pointwise_conv` as a bare einsum (autodiff gradient);
 * `pool_select_and_scatter`: `tiled_max_pool` as `nn.max_pool` (select-and-scatter gradient);
-* `taps_autodiff`: the stride-1 shifted depthwise form with autodiff instead of its own gradient;
+* `taps_autodiff`: the shifted depthwise form with autodiff instead of its own gradient;
 * `taps_kernel_grad_per_tap`: that gradient's kernel part as one pass over the batch per tap
   instead of the CPU's chunked scan (`fast_grads._taps_kernel_grad_blocked`);
+* `taps_unchunked`: that, and autodiff for the strided layers (the hand-written gradient at
+  stride 1 only): the depthwise gradient before the chunked scan;
 * `all_before`: all of them, with Threefry dropout masks: the step with none of the fast paths.
 
 A replacement is made in every module that holds the name (`layers`, `fast_forms`, `fast_grads`),
@@ -37,11 +39,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('runners', None, 'the runners to measure (default: all)')
 
 
-def _taps_autodiff(x, k, dilation):
-  kh, kw = k.shape[:2]
-  dh, dw = dilation
-  out_size = (x.shape[1] - (kh - 1) * dh, x.shape[2] - (kw - 1) * dw)
-  return fast_grads.shifted_taps_strided(x, k, (1, 1), dilation, out_size)
+def _taps_autodiff(x, k, dilation, strides):
+  out_size = fast_grads._out_size(x.shape, k.shape, dilation, strides)  # pylint: disable=protected-access
+  return fast_grads.shifted_taps_strided(x, k, strides, dilation, out_size)
+
+
+_SHIFTED_TAPS = fast_grads.shifted_taps
+
+
+def _taps_autodiff_strided(x, k, dilation, strides):
+  if strides == (1, 1):
+    return _SHIFTED_TAPS(x, k, dilation, strides)
+  return _taps_autodiff(x, k, dilation, strides)
 
 
 REPLACEMENTS = {
@@ -51,6 +60,7 @@ REPLACEMENTS = {
     'taps_autodiff': {'shifted_taps': _taps_autodiff},
     'taps_kernel_grad_per_tap': {
         '_taps_kernel_grad_blocked': lambda *a, **k: fast_grads._taps_kernel_grad(*a, **k)},  # pylint: disable=protected-access
+    'taps_strided_autodiff': {'shifted_taps': _taps_autodiff_strided},
 }
 MODULES = (layers, fast_forms, fast_grads)
 RUNNERS = {
@@ -59,6 +69,7 @@ RUNNERS = {
     'pool_select_and_scatter': (('pool_select_and_scatter',), 'hash'),
     'taps_autodiff': (('taps_autodiff',), 'hash'),
     'taps_kernel_grad_per_tap': (('taps_kernel_grad_per_tap',), 'hash'),
+    'taps_unchunked': (('taps_kernel_grad_per_tap', 'taps_strided_autodiff'), 'hash'),
     'all_before': (('pointwise_einsum', 'pool_select_and_scatter', 'taps_autodiff'), 'threefry'),
 }
 

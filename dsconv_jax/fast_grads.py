@@ -48,62 +48,68 @@ def shifted_depthwise(x, k, strides, padding, dilation):
   """Depthwise convolution of NHWC `x` (C channels) with a (kh, kw, C * m) kernel, as shifted
   multiply-adds: output channel `c * m + j` is input channel `c` against `k[..., c * m + j]`, as in
   XLA's grouped convolution with `feature_group_count=C`. `padding` is ((top, bottom), (left,
-  right)) of zeros; the stride-1 form has the hand-written gradient of `shifted_taps`.
+  right)) of zeros; the gradient is `shifted_taps`' hand-written one.
   """
-  kh, kw, cm = k.shape
-  (sh, sw), (dh, dw) = strides, dilation
   if any(padding[0]) or any(padding[1]):
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  if cm != x.shape[3]:
-    x = jnp.repeat(x, cm // x.shape[3], axis=-1)
-  k = k.astype(x.dtype)
-  if (sh, sw) == (1, 1):
-    return shifted_taps(x, k, (dh, dw))
-  out_h = (x.shape[1] - (kh - 1) * dh - 1) // sh + 1
-  out_w = (x.shape[2] - (kw - 1) * dw - 1) // sw + 1
-  return shifted_taps_strided(x, k, (sh, sw), (dh, dw), (out_h, out_w))
+  if k.shape[2] != x.shape[3]:
+    x = jnp.repeat(x, k.shape[2] // x.shape[3], axis=-1)
+  return shifted_taps(x, k.astype(x.dtype), tuple(dilation), tuple(strides))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def shifted_taps(x, k, dilation):
-  """The shifted depthwise form at stride 1, on the padded input, with a hand-written gradient.
+def _out_size(x_shape, taps, dilation, strides):
+  return tuple((x_shape[1 + a] - (taps[a] - 1) * dilation[a] - 1) // strides[a] + 1
+               for a in (0, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_taps(x, k, dilation, strides):
+  """The shifted depthwise form on the padded input, with a hand-written gradient.
 
   Autodiff of the slices gives one padded full-size tensor per tap for the input gradient, and
   XLA's CPU backend then recomputes the producers of `x` (BatchNorm, dropout) inside each.
-  Written by hand, the input gradient is the same shifted form again (the padded output gradient
-  against the flipped kernel) and the kernel gradient one reduction per tap.
+  Written by hand, the input gradient is the same shifted form again (the output gradient,
+  dilated by the stride and padded, against the flipped kernel) and the kernel gradient one
+  reduction per tap, on the CPU a chunk of the batch at a time (`_taps_kernel_grad_blocked`).
   """
-  kh, kw = k.shape[:2]
-  dh, dw = dilation
-  out_size = (x.shape[1] - (kh - 1) * dh, x.shape[2] - (kw - 1) * dw)
-  return shifted_taps_strided(x, k, (1, 1), dilation, out_size)
+  return shifted_taps_strided(x, k, strides, dilation, _out_size(x.shape, k.shape, dilation,
+                                                                 strides))
 
 
-def _shifted_taps_fwd(x, k, dilation):
-  return shifted_taps(x, k, dilation), (x, k)
+def _shifted_taps_fwd(x, k, dilation, strides):
+  return shifted_taps(x, k, dilation, strides), (x, k)
 
 
-def _shifted_taps_bwd(dilation, residuals, dy):
+def _shifted_taps_bwd(dilation, strides, residuals, dy):
   x, k = residuals
   kh, kw = k.shape[:2]
-  dh, dw = dilation
-  # dx[h] = sum_i dy[h - i * dh] k[i]: the output gradient padded by (k - 1) * d on both sides,
-  # correlated with the flipped kernel.
+  (dh, dw), (sh, sw), (oh, ow) = dilation, strides, dy.shape[1:3]
+  # dx[h] = sum_i dy'[h - i * dh] k[i], dy' the output gradient at every sh-th row (zeros
+  # between): dy' padded by (k - 1) * d before and up to x's size after, correlated with the
+  # flipped kernel.
   ph, pw = (kh - 1) * dh, (kw - 1) * dw
-  dy_padded = jnp.pad(dy, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  dy_padded = jax.lax.pad(dy, jnp.zeros((), dy.dtype), (
+      (0, 0, 0), (ph, x.shape[1] - (oh - 1) * sh - 1, sh - 1),
+      (pw, x.shape[2] - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
   dx = shifted_taps_strided(dy_padded, k[::-1, ::-1], (1, 1), dilation, x.shape[1:3])
-  dk = jax.lax.platform_dependent(
-      x, dy, cpu=functools.partial(_taps_kernel_grad_blocked, taps=(kh, kw), dilation=dilation),
-      default=functools.partial(_taps_kernel_grad, taps=(kh, kw), dilation=dilation))
+  grad = functools.partial(_taps_kernel_grad, taps=(kh, kw), dilation=dilation, strides=strides)
+  blocked = functools.partial(_taps_kernel_grad_blocked, taps=(kh, kw), dilation=dilation,
+                              strides=strides)
+  dk = jax.lax.platform_dependent(x, dy, cpu=blocked, default=grad)
   return dx, dk.astype(k.dtype)
 
 
-def _taps_kernel_grad(x, dy, taps, dilation):
-  """(kh, kw, C): per tap, the window of `x` it reads times `dy`, summed over batch and map."""
-  (kh, kw), (dh, dw), (oh, ow) = taps, dilation, dy.shape[1:3]
+def _taps_kernel_grad(x, dy, taps, dilation, strides):
+  """(kh, kw, C): per tap, the strided window of `x` it reads times `dy`, summed over batch and
+  map."""
+  (kh, kw), (dh, dw), (sh, sw), (oh, ow) = taps, dilation, strides, dy.shape[1:3]
+  window = lambda i, j: jax.lax.slice(
+      x, (0, i * dh, j * dw, 0),
+      (x.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, x.shape[3]),
+      (1, sh, sw, 1))
   return jnp.stack([
-      jnp.stack([jnp.sum(x[:, i * dh:i * dh + oh, j * dw:j * dw + ow] * dy, axis=(0, 1, 2),
-                         dtype=_accumulation(x.dtype)) for j in range(kw)]) for i in range(kh)])
+      jnp.stack([jnp.sum(window(i, j) * dy, axis=(0, 1, 2), dtype=_accumulation(x.dtype))
+                 for j in range(kw)]) for i in range(kh)])
 
 
 # Bytes of `x` per chunk of `_taps_kernel_grad_blocked`: the chunk and its output gradient stay
@@ -112,7 +118,7 @@ def _taps_kernel_grad(x, dy, taps, dilation):
 _CHUNK_BYTES = 640 * 1024
 
 
-def _taps_kernel_grad_blocked(x, dy, taps, dilation):
+def _taps_kernel_grad_blocked(x, dy, taps, dilation, strides):
   """`_taps_kernel_grad` a few images at a time: the same sums, with every tap reading a chunk
   of the batch while it is in cache.
 
@@ -127,7 +133,7 @@ def _taps_kernel_grad_blocked(x, dy, taps, dilation):
   chunks = lambda a: a.reshape(n // size, size, *a.shape[1:])
 
   def add(total, chunk):
-    return total + _taps_kernel_grad(*chunk, taps, dilation), None
+    return total + _taps_kernel_grad(*chunk, taps, dilation, strides), None
 
   zeros = jnp.zeros((*taps, x.shape[3]), _accumulation(x.dtype))
   return jax.lax.scan(add, zeros, (chunks(x), chunks(dy)))[0]

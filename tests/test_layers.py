@@ -102,14 +102,15 @@ def test_depthwise_forms_agree_forward_and_gradient(padding, stride, m, dilation
   np.testing.assert_allclose(gk_s, gk_g, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('batch,chunk', [(6, 2), (5, 1)])
-def test_depthwise_kernel_gradient_sums_cache_sized_chunks_of_the_batch(monkeypatch, batch, chunk):
+@pytest.mark.parametrize('batch,chunk,stride', [(6, 2, 1), (5, 1, 2)])
+def test_depthwise_kernel_gradient_sums_cache_sized_chunks_of_the_batch(monkeypatch, batch, chunk,
+                                                                        stride):
   """On the CPU the kernel gradient is summed a chunk of the batch at a time (the largest divisor
   of the batch under the byte budget); the sums equal the grouped convolution's gradient."""
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(batch, 8, 8, 3)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(5, 5, 3, 1)), jnp.float32)
-  padded_image_bytes = 16 * 16 * 3 * 4  # 'SAME' at dilation 2 pads 8x8 by 4 on each side.
+  padded_image_bytes = 16 * 16 * 3 * 4  # 'SAME' at dilation 2 pads 8x8 to at least 15x15.
   monkeypatch.setattr(fast_grads, '_CHUNK_BYTES', 2 * padded_image_bytes + 1)
   seen = []
   per_tap = fast_grads._taps_kernel_grad
@@ -117,7 +118,8 @@ def test_depthwise_kernel_gradient_sums_cache_sized_chunks_of_the_batch(monkeypa
                       lambda x, *a, **k: seen.append(x.shape[0]) or per_tap(x, *a, **k))
 
   def grads(impl):
-    fn = lambda x, k: layers.depthwise_conv(x, k, padding='SAME', dilation=(2, 2), impl=impl)
+    fn = lambda x, k: layers.depthwise_conv(x, k, strides=(stride, stride), padding='SAME',
+                                            dilation=(2, 2), impl=impl)
     return jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1))(x, kernel)
 
   gx_s, gk_s = grads('shifted')
