@@ -5,7 +5,10 @@ pass XLA's CPU backend compiles into far less work than autodiff of that express
 reason, measured on Model 3's compiled CPU step (results/throughput-cpu-ablation, BENCHMARKS.md):
 
 * `shifted_taps`: autodiff of the shifted depthwise form made one padded full-size tensor per tap
-  and recomputed BatchNorm and dropout inside each (undoing it: 384 -> 322 img/s).
+  and recomputed BatchNorm and dropout inside each (undoing it: 384 -> 322 img/s). Its kernel
+  gradient is summed a cache-sized chunk of the batch at a time on the CPU: one pass over the
+  batch per tap, and autodiff at stride 2, trained configs/dsresnet.py 1.21x and its 5x5-kernel
+  form 1.41x slower (results/throughput-cpu-dw-kernel-grad).
 * `pointwise_conv`: autodiff computed the kernel gradient from a transposed copy of the output
   gradient fused with its producers (undoing it: 384 -> 198 img/s).
 * `tiled_max_pool`: XLA's select-and-scatter became index arrays, a variadic reduce-window and a
@@ -113,8 +116,9 @@ def _taps_kernel_grad(x, dy, taps, dilation, strides):
 
 
 # Bytes of `x` per chunk of `_taps_kernel_grad_blocked`: the chunk and its output gradient stay
-# in a core's cache while every tap reads them. 128-1,024 KiB were within 15% of each other on
-# DS-ResNet's layers (2-core AMD EPYC), all 2-5x faster than one pass over the batch per tap.
+# in a core's cache while every tap reads them. On DS-ResNet's layer shapes at 3x3 and 5x5 taps
+# (benchmarks/depthwise_chunks.py, 2-core AMD EPYC) this size took 1.00-1.11x the best chunk's
+# time and ran 1.3-4.7x faster than one pass over the batch per tap.
 _CHUNK_BYTES = 640 * 1024
 
 
