@@ -20,6 +20,7 @@ tests/test_layers.py checks every gradient here against autodiff of the plain fo
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -127,11 +128,11 @@ def _taps_kernel_grad_blocked(x, dy, taps, dilation, strides):
   of the batch while it is in cache.
 
   XLA's CPU backend compiles `_taps_kernel_grad` into one reduction per tap, each streaming `x`
-  and `dy` through memory; at kh * kw taps that was most of the depthwise layer's backward pass
+  and `dy` through memory; at kh * kw taps those dominate the depthwise layer's backward pass
   (BENCHMARKS.md). A scan over chunks of the batch keeps each chunk in cache for all the taps.
   """
   n = x.shape[0]
-  image_bytes = x[0].size * x.dtype.itemsize
+  image_bytes = math.prod(x.shape[1:]) * x.dtype.itemsize
   size = max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= _CHUNK_BYTES],
              default=1)
   chunks = lambda a: a.reshape(n // size, size, *a.shape[1:])
