@@ -117,13 +117,20 @@ class Row:
     self.summaries = [s for s, _ in loaded]
     self.finals = [rows[-1] for _, rows in loaded]
     first = self.summaries[0]
-    configs = [dict(s['config'], seed=None) for s in self.summaries]
-    if any(c != configs[0] for c in configs):
-      raise SystemExit(f'error: {entry}: a group holds runs of one config with different seeds')
     self.name = ' + '.join(f'`{os.path.basename(d)}`' for d in self.dirs)
     self.config = effective(first)
     self.split = first.get('val_split', 'test')
     self.epochs = first.get('epochs', first['config']['num_epochs'])
+    seeds = [s['config'].get('seed', 0) for s in self.summaries]
+    if len(set(self.dirs)) < len(self.dirs) or len(set(seeds)) < len(seeds):
+      raise SystemExit(f'error: {entry}: a group repeats a run or a seed ({seeds})')
+    for d, s in zip(self.dirs[1:], self.summaries[1:]):
+      differ = changes(dict(effective(s), seed=self.config.get('seed')), self.config)
+      split, epochs = s.get('val_split', 'test'), s.get('epochs', s['config']['num_epochs'])
+      if differ != '(baseline)' or (split, epochs) != (self.split, self.epochs):
+        raise SystemExit(f'error: {entry}: {os.path.basename(d)} differs from '
+                         f'{os.path.basename(self.dirs[0])} in more than its seed: '
+                         f'{differ}, {split}, {epochs} epochs')
     self.val = [r['val_accuracy'] for r in self.finals]
     self.test = [s['test_accuracy'] for s in self.summaries]
     self.multicrop, self.mark = [], ''
@@ -167,12 +174,18 @@ def main(argv=None) -> None:
   references = {}
   for row in rows:
     references.setdefault(row.key(), row)
-  print('| run | change against the baseline | val split | epochs | seeds | params | MACs | '
+  print('| run | change against the reference | val split | epochs | seeds | params | MACs | '
         'final val | max val (epoch) | test | flip TTA | multi-crop TTA | train acc | seconds | '
-        'val - baseline | test - baseline |')
+        'val - reference | test - reference |')
   print('|' + ' --- |' * 16)
   for row in rows:
     print('| ' + ' | '.join(row.cells(references[row.key()], rows[0])) + ' |')
+  if len(references) > 1:
+    print()
+    print('References: ' + '; '.join(
+        f'{r.name} for the rows on {split} at {epochs} epochs' for (split, epochs), r in
+        references.items()) + f'. Each other reference is compared with {rows[0].name} on test '
+        'only.')
 
 
 if __name__ == '__main__':

@@ -5,10 +5,10 @@ pass XLA's CPU backend compiles into far less work than autodiff of that express
 reason, measured on Model 3's compiled CPU step (results/throughput-cpu-ablation, BENCHMARKS.md):
 
 * `shifted_taps`: autodiff of the shifted depthwise form made one padded full-size tensor per tap
-  and recomputed BatchNorm and dropout inside each (undoing it: 384 -> 322 img/s). Its kernel
-  gradient is summed a cache-sized chunk of the batch at a time on the CPU: one pass over the
-  batch per tap, and autodiff at stride 2, trained configs/dsresnet.py 1.21x and its 5x5-kernel
-  form 1.41x slower (results/throughput-cpu-dw-kernel-grad).
+  and recomputed BatchNorm and dropout inside each (undoing it: 384 -> 322 img/s). On the CPU
+  its kernel gradient is summed a cache-sized chunk of the batch at a time; one pass over the
+  batch per tap, with autodiff at stride 2, was 1.21x slower for configs/dsresnet.py and 1.41x
+  for its 5x5-kernel form (results/throughput-cpu-dw-kernel-grad).
 * `pointwise_conv`: autodiff computed the kernel gradient from a transposed copy of the output
   gradient fused with its producers (undoing it: 384 -> 198 img/s).
 * `tiled_max_pool`: XLA's select-and-scatter became index arrays, a variadic reduce-window and a
@@ -118,8 +118,8 @@ def _taps_kernel_grad(x, dy, taps, dilation, strides):
 
 # Bytes of `x` per chunk of `_taps_kernel_grad_blocked`: the chunk and its output gradient stay
 # in a core's cache while every tap reads them. On DS-ResNet's layer shapes at 3x3 and 5x5 taps
-# (benchmarks/depthwise_chunks.py, 2-core AMD EPYC) this size took 1.00-1.11x the best chunk's
-# time and ran 1.3-4.7x faster than one pass over the batch per tap.
+# (benchmarks/depthwise_chunks.py, 2-core AMD EPYC) this size took 1.00-1.12x the best chunk's
+# time and ran 1.3-4.7x faster than one pass over the batch per tap. The budget is per device.
 _CHUNK_BYTES = 640 * 1024
 
 
@@ -129,19 +129,26 @@ def _taps_kernel_grad_blocked(x, dy, taps, dilation, strides):
 
   XLA's CPU backend compiles `_taps_kernel_grad` into one reduction per tap, each streaming `x`
   and `dy` through memory; at kh * kw taps those dominate the depthwise layer's backward pass
-  (BENCHMARKS.md). A scan over chunks of the batch keeps each chunk in cache for all the taps.
+  (BENCHMARKS.md). A loop over chunks of the batch keeps each chunk in cache for all the taps.
   """
-  n = x.shape[0]
+  n, devices = x.shape[0], jax.device_count()
+  # A batch sharded across devices (jit over a mesh) is split in `devices` contiguous blocks:
+  # each chunk takes `local` images from every block, so every device sums its own images.
+  devices = devices if n % devices == 0 else 1
   image_bytes = math.prod(x.shape[1:]) * x.dtype.itemsize
-  size = max([b for b in range(1, n + 1) if n % b == 0 and b * image_bytes <= _CHUNK_BYTES],
-             default=1)
-  chunks = lambda a: a.reshape(n // size, size, *a.shape[1:])
+  local = max([b for b in range(1, n // devices + 1)
+               if (n // devices) % b == 0 and b * image_bytes <= _CHUNK_BYTES], default=1)
+  steps = n // (devices * local)
+  # Image (d, s, l) of the batch, d the block: chunk s holds every (d, l).
+  xs, dys = (a.reshape(devices, steps, local, *a.shape[1:]) for a in (x, dy))
 
-  def add(total, chunk):
-    return total + _taps_kernel_grad(*chunk, taps, dilation, strides), None
+  def add(s, total):
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, s, axis=1, keepdims=False).reshape(
+        devices * local, *a.shape[3:])
+    return total + _taps_kernel_grad(take(xs), take(dys), taps, dilation, strides)
 
   zeros = jnp.zeros((*taps, x.shape[3]), _accumulation(x.dtype))
-  return jax.lax.scan(add, zeros, (chunks(x), chunks(dy)))[0]
+  return jax.lax.fori_loop(0, steps, add, zeros)
 
 
 shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)

@@ -1,5 +1,9 @@
 """Layers: parameter counts and output shapes against the Keras formulas; depthwise forms agree."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,9 +82,11 @@ def test_batchnorm_uses_keras_epsilon_and_momentum():
   np.testing.assert_allclose(upd['batch_stats']['bn']['mean'], 0.01 * mean, rtol=1e-4)
 
 
+# 'valid' at strides 2 and 3 leaves rows and columns of the 10x9 input that no window reads.
 @pytest.mark.parametrize('padding,stride,m,dilation', [('valid', 1, 1, 1), ('same', 1, 2, 1),
                                                        ('same', 2, 1, 1), ('valid', 1, 1, 2),
-                                                       ('same', 2, 3, 1)])
+                                                       ('same', 2, 3, 1), ('valid', 2, 2, 1),
+                                                       ('valid', 3, 1, 2)])
 def test_depthwise_forms_agree_forward_and_gradient(padding, stride, m, dilation):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 10, 9, 4)), jnp.float32)
@@ -123,10 +129,38 @@ def test_depthwise_kernel_gradient_sums_cache_sized_chunks_of_the_batch(monkeypa
     return jax.grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1))(x, kernel)
 
   gx_s, gk_s = grads('shifted')
-  assert chunk in seen  # The scan's body, traced on chunks of `chunk` images.
+  assert chunk in seen  # The loop's body, traced on chunks of `chunk` images.
   gx_g, gk_g = grads('grouped')
   np.testing.assert_allclose(gx_s, gx_g, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(gk_s, gk_g, rtol=1e-4, atol=1e-4)
+
+
+SHARDED_KERNEL_GRAD = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dsconv_jax import fast_grads
+mesh = Mesh(np.array(jax.devices()), ('batch',))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 10, 10, 5)).astype(np.float32)
+dy = rng.normal(size=(16, 8, 8, 5)).astype(np.float32)
+fast_grads._CHUNK_BYTES = 2 * x[0].nbytes  # Two images a device a chunk: two chunks.
+args = [jax.device_put(a, NamedSharding(mesh, P('batch'))) for a in (x, dy)]
+grad = jax.jit(lambda x, dy: fast_grads._taps_kernel_grad_blocked(x, dy, (3, 3), (1, 1), (1, 1)))
+hlo = grad.lower(*args).compile().as_text()
+assert 'all-gather' not in hlo, 'the batch is gathered onto every device'
+np.testing.assert_allclose(grad(*args), fast_grads._taps_kernel_grad(x, dy, (3, 3), (1, 1), (1, 1)), rtol=1e-5, atol=1e-4)
+"""
+
+
+def test_depthwise_kernel_gradient_chunks_keep_a_sharded_batch_on_its_devices():
+  """Under jit with the batch split across devices, every chunk takes images from each device's
+  block: no device gathers the batch, and the sums are the unchunked ones."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': root}
+  done = subprocess.run([sys.executable, '-c', SHARDED_KERNEL_GRAD], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_depthwise_matches_direct_formula():

@@ -86,7 +86,11 @@ def test_recipe_table_averages_seed_groups_and_compares_each_length_with_its_own
   assert rows[2][1] == 'num_epochs=10' and rows[2][3] == '10'
   assert rows[2][-2:] == ['(other length)', '-5.61 |']
   assert rows[3][1] == 'model_kwargs.kernel_size=5' and rows[3][-2:] == ['+1.12', '+0.68 |']
+  assert rows[5][0].startswith('References: `long0` + `long1` for the rows on holdout:5000 at 50')
   # A group of runs that differ in more than their seeds is refused.
   bad = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
                         f'{long[0]}+{wide[1]}'], capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and 'different seeds' in bad.stderr
+  assert bad.returncode == 1 and 'in more than its seed: model_kwargs.kernel_size=5' in bad.stderr
+  again = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
+                          f'{long[0]}+{long[0]}'], capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1 and 'repeats a run or a seed' in again.stderr
