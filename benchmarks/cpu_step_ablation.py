@@ -10,9 +10,9 @@ replaced, while it is traced, by the plain autodiff form they replaced:
 * `pool_select_and_scatter`: `tiled_max_pool` as `nn.max_pool` (select-and-scatter gradient);
 * `taps_autodiff`: the shifted depthwise form with autodiff instead of its own gradient;
 * `taps_kernel_grad_per_tap`: that gradient's kernel part as one pass over the batch per tap
-  instead of the CPU's chunked scan (`fast_grads._taps_kernel_grad_blocked`);
+  instead of the CPU's loop over chunks of it (`fast_grads._taps_kernel_grad_blocked`);
 * `taps_unchunked`: that, and autodiff for the strided layers (the hand-written gradient at
-  stride 1 only): the depthwise gradient before the chunked scan;
+  stride 1 only): the depthwise gradient before the chunking;
 * `all_before`: all of them, with Threefry dropout masks: the step with none of the fast paths.
 
 A replacement is made in every module that holds the name (`layers`, `fast_forms`, `fast_grads`),
@@ -59,7 +59,7 @@ REPLACEMENTS = {
         'tiled_max_pool': lambda x, w: nn.max_pool(x, w, w, padding='VALID')},
     'taps_autodiff': {'shifted_taps': _taps_autodiff},
     'taps_kernel_grad_per_tap': {
-        '_taps_kernel_grad_blocked': lambda *a, **k: fast_grads._taps_kernel_grad(*a, **k)},  # pylint: disable=protected-access
+        '_taps_kernel_grad_blocked': fast_grads._taps_kernel_grad},  # pylint: disable=protected-access
     'taps_strided_autodiff': {'shifted_taps': _taps_autodiff_strided},
 }
 MODULES = (layers, fast_forms, fast_grads)

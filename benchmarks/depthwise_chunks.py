@@ -6,9 +6,9 @@ layer's forward pass and input gradient).
 
 For each layer shape (DS-ResNet's three stages at 3x3 and 5x5 taps) it times the forward pass
 (`fast_grads.shifted_taps`), the input gradient alone, `fast_grads._taps_kernel_grad` (one pass
-per tap) and `fast_grads._taps_kernel_grad_blocked`
-with `_CHUNK_BYTES` set to admit 1, 2, 4, 8 and 16 images a chunk (best of `--repeats` calls
-taken in turn, milliseconds) and prints one JSON object. `_CHUNK_BYTES` is chosen from it.
+per tap) and `fast_grads._taps_kernel_grad_blocked` with `_CHUNK_BYTES` set to admit 1, 2, 4, 8
+and 16 images a chunk (best of `--repeats` calls taken in turn, milliseconds) and prints one JSON
+object. `_CHUNK_BYTES` is chosen from it.
 """
 
 from __future__ import annotations
