@@ -134,6 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Cap the decay at (1 + step) / (10 + step) early on (TensorFlow's num_updates), so the average
   # forgets the initial weights fast; False averages with ema_decay from the first step.
   config.ema_warmup = True
+  # Further decays, e.g. '0.9995,0.9998' ('' = none): moving averages of the weights kept beside
+  # ema_decay's (same warm-up), each evaluated once at the end on the validation split and test
+  # (summary.json 'ema_extra'), so that one run compares decays. Training is unchanged.
+  config.ema_extra_decays = ''
   # Distillation: a finished run's workdir whose model (the teacher) scores every training batch
   # as the student sees it; '' = off. The loss is (1 - distill_weight) x the label loss +
   # distill_weight x T^2 KL(teacher || student) at temperature T = distill_temperature. The

@@ -76,6 +76,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.ema_decay must be in [0, 1) (0 = off), got {ema_decay}')
   if not isinstance(config.get('ema_warmup', True), bool):
     raise UserError(f'config.ema_warmup must be True or False, got {config.ema_warmup!r}')
+  ema_extra_decays_of(config)
   augment_lib.strengths_from_config(config)
   augment_lib.mix_from_config(config, 1)
   distill_settings(config)
@@ -101,6 +102,37 @@ def recalibrate_augment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def ema_decay_of(config: ml_collections.ConfigDict) -> float:
   return float(config.get('ema_decay', 0.0) or 0.0)
+
+
+def ema_extra_decays_of(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The decays of config.ema_extra_decays ('0.9995,0.9998', a number or a sequence), checked:
+  each in (0, 1), none repeated nor config.ema_decay's, and only beside an ema_decay > 0."""
+  spec = config.get('ema_extra_decays', '') or ''
+  if isinstance(spec, str) and not spec.strip():
+    return ()
+  items = spec.split(',') if isinstance(spec, str) else (
+      spec if isinstance(spec, (list, tuple)) else [spec])
+  decays = []
+  for item in items:
+    try:
+      if isinstance(item, bool):
+        raise ValueError
+      decay = float(item.strip() if isinstance(item, str) else item)
+    except (TypeError, ValueError):
+      decay = None
+    if decay is None or not 0.0 < decay < 1.0:
+      raise UserError('config.ema_extra_decays must be decays in (0, 1) separated by commas, '
+                      f"like '0.9995,0.9998' ('' = none), got {spec!r}")
+    decays.append(decay)
+  if not decays:
+    return ()
+  if not ema_decay_of(config):
+    raise UserError('config.ema_extra_decays needs config.ema_decay > 0: they are averages kept '
+                    'beside it')
+  if len(set(decays)) < len(decays) or ema_decay_of(config) in decays:
+    raise UserError(f'config.ema_extra_decays={spec!r} repeats a decay (or config.ema_decay='
+                    f'{ema_decay_of(config)}, which the run keeps anyway)')
+  return tuple(decays)
 
 
 def distill_settings(config: ml_collections.ConfigDict) -> tuple[str, float, float]:
@@ -326,6 +358,7 @@ def init_state(config: ml_collections.ConfigDict, model: nn.Module, image_shape,
         convolutions=analysis.parameter_structure(model, image_shape).convolutions)
   return jax.jit(functools.partial(steps.create_train_state, model, image_shape=image_shape,
                                    tx=tx, ema=bool(ema_decay_of(config)),
+                                   ema_extra=len(ema_extra_decays_of(config)),
                                    init_params=init_params),
                  out_shardings=NamedSharding(mesh, P()))(jax.random.fold_in(seed_key, steps.INIT))
 
@@ -366,6 +399,7 @@ def bind_train_step(config: ml_collections.ConfigDict, mean: jax.Array, std: jax
                            label_smoothing=float(config.get('label_smoothing', 0.0) or 0.0),
                            ema_decay=ema_decay_of(config),
                            ema_warmup=bool(config.get('ema_warmup', True)),
+                           ema_extra_decays=ema_extra_decays_of(config),
                            compute_dtype=config.get('compute_dtype', 'float32'),
                            teacher=teacher)
 

@@ -276,7 +276,8 @@ def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, image_sh
   tx = optim.create_optimizer(config, optim.create_schedule(config, steps_per_epoch),
                               analysis.batch_norm_biases(model, image_shape))
   create = functools.partial(steps.create_train_state, model, image_shape=tuple(image_shape),
-                             tx=tx, ema=bool(experiment_lib.ema_decay_of(config)))
+                             tx=tx, ema=bool(experiment_lib.ema_decay_of(config)),
+                             ema_extra=len(experiment_lib.ema_extra_decays_of(config)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                       jax.eval_shape(create, jax.random.key(0)))

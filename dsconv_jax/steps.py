@@ -43,6 +43,9 @@ class TrainState(train_state.TrainState):
   # An exponential moving average of `params`, evaluated in their place; None when
   # config.ema_decay is 0, so that the state (and its checkpoints) are then as before.
   ema_params: Any = None
+  # Further moving averages of `params` (a tuple of parameter trees, one per decay of
+  # config.ema_extra_decays), evaluated once at the end; None when there are none.
+  ema_extra: Any = None
   # The model's other variable collections that training updates (an NNX model's `nnx.Rngs`
   # keys and counters: `nnx_adapter.STATE`), by collection; None for Linen models.
   model_state: Any = None
@@ -110,8 +113,10 @@ class Teacher:
   temperature: float
 
 
-def update_ema(state: 'TrainState', decay: float, warmup: bool = True) -> 'TrainState':
-  """Moves `state.ema_params` towards `state.params` after a step.
+def update_ema(state: 'TrainState', decay: float, warmup: bool = True,
+               extra_decays: tuple[float, ...] = ()) -> 'TrainState':
+  """Moves `state.ema_params` (and each of `state.ema_extra`, at `extra_decays`) towards
+  `state.params` after a step.
 
   With `warmup` the decay is min(decay, (1 + step) / (10 + step)) (TensorFlow's
   ExponentialMovingAverage with num_updates): early on the average follows the weights closely,
@@ -121,14 +126,23 @@ def update_ema(state: 'TrainState', decay: float, warmup: bool = True) -> 'Train
   moving average, and evaluation uses them with the EMA params.
   """
   step = jnp.asarray(state.step, jnp.float32)
-  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else jnp.float32(decay)
-  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, state.params)
-  return state.replace(ema_params=ema)
+
+  def moved(average, decay):
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)) if warmup else jnp.float32(decay)
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, average, state.params)
+
+  state = state.replace(ema_params=moved(state.ema_params, decay))
+  if extra_decays:
+    state = state.replace(ema_extra=tuple(
+        moved(average, d) for average, d in zip(state.ema_extra, extra_decays, strict=True)))
+  return state
 
 
 def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False,
-                       init_params: Callable[[Any], Any] | None = None) -> TrainState:
-  """The initial state; with `ema` it also holds `ema_params`, starting at the initial params.
+                       init_params: Callable[[Any], Any] | None = None,
+                       ema_extra: int = 0) -> TrainState:
+  """The initial state; with `ema` it also holds `ema_params`, starting at the initial params,
+  and with `ema_extra` = n, n further averages (`TrainState.ema_extra`) starting there too.
 
   `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`). The
   collections a model names in `state_collections` (an NNX model's) go to `model_state`.
@@ -143,6 +157,8 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats', {}),
                            ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                           ema_extra=tuple(jax.tree.map(jnp.copy, params)
+                                           for _ in range(ema_extra)) or None,
                            model_state=model_state or None)
 
 
@@ -153,7 +169,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
                flip: jax.Array | None = None,
                strengths: augment_lib.Strengths = augment_lib.Strengths(),
                ema_warmup: bool = True, mix: augment_lib.Mix | None = None,
-               teacher: Teacher | None = None):
+               teacher: Teacher | None = None, ema_extra_decays: tuple[float, ...] = ()):
   """One optimizer step on a batch of uint8 images; returns the new state and batch metrics.
 
   A pure function. Under jit with a sharded batch (`make_train_epoch`) it needs nothing else.
@@ -168,7 +184,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   float32. How layers compute (depthwise form, dropout masks) is the model's `layers.Options`.
   `flip` (booleans, one per image) mirrors the images it marks before `augment` (the epoch's
   alternating flip, `augment.alternating_flips`); `strengths` are the ops' (`augment.Strengths`).
-  `ema_warmup` False averages with `ema_decay` from the first step (`update_ema`). `mix` mixes
+  `ema_warmup` False averages with `ema_decay` from the first step (`update_ema`);
+  `ema_extra_decays` are the decays of `state.ema_extra`'s averages. `mix` mixes
   the augmented batch (`augment.mix_batch`, its strength a function of `state.step`) and the loss
   weighs both labels (`mixed_cross_entropy`). `teacher` adds distillation: the loss is
   (1 - weight) times the label loss plus weight times `distillation_loss` against the teacher's
@@ -208,7 +225,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
                                 batch_stats=updates.get('batch_stats', state.batch_stats),
                                 model_state={k: updates[k] for k in carried} or None)
   if ema_decay:
-    state = update_ema(state, ema_decay, ema_warmup)
+    state = update_ema(state, ema_decay, ema_warmup, ema_extra_decays)
   return state, metrics
 
 

@@ -143,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
 
     eval_state = exp.eval_state(state, history[-1]['epoch'])  # What validation evaluated.
     summary = _summarize(exp, eval_state, history, compile_seconds)
+    if state.ema_extra is not None:
+      summary['ema_extra'] = _ema_extra_results(exp, state, history[-1]['epoch'], val_arrays)
     # Programs this run loaded from the compilation cache, and compiled afresh.
     summary['compilation_cache'] = {'dir': cache_dir, **{
         k: v - cached_before[k] for k, v in compile_cache.counts().items()}}
@@ -248,6 +250,9 @@ def _report_model(description: experiment_lib.ModelDescription, data: experiment
         'dataset': data.dataset.source, 'image_shape': list(data.image_shape),
         'num_classes': data.num_classes, 'train_examples': int(config.train_examples),
         'seed': int(config.seed),
+        # Further averages change the checkpoints' structure (older run.json lack the key).
+        **({'ema_extra_decays': list(experiment_lib.ema_extra_decays_of(config))}
+           if experiment_lib.ema_extra_decays_of(config) else {}),
         # A holdout changes what is trained on (older run.json, without one, lack the keys).
         **({'holdout': int(config.holdout), 'data_seed': int(config.data_seed)}
            if config.get('holdout', 0) else {})})
@@ -431,6 +436,26 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
   }
 
 
+def _ema_extra_results(exp: experiment_lib.Experiment, state, epoch: int, val_arrays
+                       ) -> list[dict[str, Any]]:
+  """Each further average's (config.ema_extra_decays) final validation and test figures, its
+  weights evaluated as the run's EMA weights are (with PreciseBN statistics of their own when the
+  run recomputes them)."""
+  config, data = exp.config, exp.data
+  test_on_val = data.val_split == 'test' and not config.eval_examples
+  test_arrays = None if test_on_val else exp.put_split(data.test)
+  results = []
+  for decay, params in zip(experiment_lib.ema_extra_decays_of(config), state.ema_extra,
+                           strict=True):
+    evaluated = exp.eval_state(state.replace(ema_params=params), epoch)
+    val = {k: float(steps.host_value(v)) for k, v in exp.evaluate(evaluated, *val_arrays).items()}
+    test = val['accuracy'] if test_on_val else float(
+        steps.host_value(exp.evaluate(evaluated, *test_arrays)['accuracy']))
+    results.append({'decay': decay, 'final_val_accuracy': val['accuracy'],
+                    'final_val_loss': val['loss'], 'test_accuracy': test})
+  return results
+
+
 def _write_eval_batch_stats(workdir: str, batch_stats) -> None:
   host = jax.tree.map(steps.host_value, batch_stats)
   name = experiment_lib.EVAL_BATCH_STATS
@@ -458,3 +483,8 @@ def _print_result(summary: dict[str, Any]) -> None:
   print(f'max val accuracy {100 * best:.2f}% (epoch {summary["best_epoch"]}{on}), test accuracy '
         f'{100 * summary["test_accuracy"]:.2f}%, {summary["train_seconds"]:.1f} s of training',
         flush=True)
+  decay = summary.get('config', {}).get('ema_decay')
+  for row in summary.get('ema_extra', ()):
+    print(f'  EMA decay {row["decay"]:g} in place of {decay:g}: final val accuracy '
+          f'{100 * row["final_val_accuracy"]:.2f}%{on.replace(",", "", 1)}, test accuracy '
+          f'{100 * row["test_accuracy"]:.2f}%', flush=True)

@@ -18,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from dsconv_jax import analysis, budget, experiment, layers, models, optim, steps, train
+from dsconv_jax import (analysis, budget, experiment, inference, layers, models, optim, steps,
+                        train)
 from dsconv_jax.defaults import get_config, get_testing_config
 from dsconv_jax.errors import UserError
 
@@ -214,6 +215,33 @@ def test_train_step_updates_ema_only_when_enabled():
                state.ema_params, start.params, state.params)
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.ema_params),
                                                    jax.tree.leaves(state.params)))
+
+
+def test_further_averages_move_at_their_own_decays():
+  model = models.create_model('tiny', num_classes=3)
+  state = steps.create_train_state(model, jax.random.key(0), (8, 8, 3), optax.sgd(0.1), ema=True,
+                                   ema_extra=2)
+  start = state.params
+  state = state.replace(params=jax.tree.map(lambda p: p + 1.0, start), step=jnp.int32(10_000))
+  new = steps.update_ema(state, 0.9, extra_decays=(0.5, 0.99))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for average, d in zip((new.ema_params, *new.ema_extra), (0.9, 0.5, 0.99)):
+    jax.tree.map(lambda e, e0, p, d=d: close(e, d * e0 + (1 - d) * p), average, start,
+                 state.params)
+
+
+@pytest.mark.parametrize('spec, match', [
+    ('0.5,x', 'decays in'), ('1.0', 'decays in'), ('0', 'decays in'), ('0.5,', 'decays in'),
+    ('0.5,0.5', 'repeats'), ('0.9', 'repeats')])
+def test_bad_extra_ema_decays_are_user_errors(spec, match):
+  config = recipe_config('unused', 1)  # ema_decay 0.9
+  config.ema_extra_decays = spec
+  with pytest.raises(UserError, match=match):
+    experiment.validate_config(config)
+  config.ema_extra_decays = '0.5'
+  config.ema_decay = 0.0
+  with pytest.raises(UserError, match='needs config.ema_decay'):
+    experiment.validate_config(config)
 
 
 def test_train_step_mirrors_the_images_its_flip_marks():
@@ -607,6 +635,53 @@ def test_full_recipe_trains_resumes_exactly_and_reports_tta(tmp_path, image_fold
   # peak in the warm-up (epoch 1), the peak where the cosine starts (epoch 2).
   lrs = [r['learning_rate'] for r in rows(straight)]
   np.testing.assert_allclose(lrs, [0.01 / 4, 0.01], rtol=1e-5)
+
+
+def test_a_further_average_scores_as_a_run_of_its_decay_and_resumes(tmp_path, image_folder):
+  def config(ema_decay, extra):
+    c = recipe_config(image_folder, 2)
+    c.holdout = 6  # The test split apart from validation: both are evaluated for each average.
+    c.bn_recalibrate_batches = 2  # Statistics recomputed for each average's weights.
+    c.ema_decay, c.ema_extra_decays = ema_decay, extra
+    c.ema_warmup = False  # The warm-up's cap would hold both decays to the same few steps.
+    return c
+
+  both = train.train_and_evaluate(config(0.9, '0.5'), str(tmp_path / 'both'), quiet=True)
+  alone = train.train_and_evaluate(config(0.5, ''), str(tmp_path / 'alone'), quiet=True)
+  plain = train.train_and_evaluate(config(0.9, ''), str(tmp_path / 'plain'), quiet=True)
+  assert 'ema_extra' not in plain
+  (row,) = both['ema_extra']
+  assert row['decay'] == 0.5
+  assert row['final_val_accuracy'] == alone['final_val_accuracy']
+  assert row['test_accuracy'] == alone['test_accuracy']
+  alone_loss = metrics_rows(tmp_path / 'alone')[-1]['val_loss']
+  np.testing.assert_allclose(row['final_val_loss'], alone_loss, rtol=1e-6)
+  # The run itself is the plain run's: the further average changes nothing it reports.
+  assert metrics_rows(tmp_path / 'both') == metrics_rows(tmp_path / 'plain')
+  assert both['test_accuracy'] == plain['test_accuracy']
+  # Resumed after a crash in epoch 2: the average comes back from the checkpoint.
+  resumed = str(tmp_path / 'resumed')
+  train.train_and_evaluate(config(0.9, '0.5'), resumed, quiet=True)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '2'))
+  os.unlink(os.path.join(resumed, 'summary.json'))
+  lines = open(os.path.join(resumed, 'metrics.jsonl')).readlines()
+  with open(os.path.join(resumed, 'metrics.jsonl'), 'w') as f:
+    f.write(lines[0])
+  again = train.train_and_evaluate(config(0.9, '0.5'), resumed, quiet=True)
+  assert again['ema_extra'] == both['ema_extra']
+  # Other further averages cannot resume this run's checkpoints: refused in one line.
+  with pytest.raises(UserError, match='ema_extra_decays'):
+    train.train_and_evaluate(config(0.9, '0.5,0.99'), str(tmp_path / 'both'), quiet=True)
+  # The finished run loads for inference (its state holds the further average).
+  assert inference.load_run(str(tmp_path / 'both')).ema
+
+
+def metrics_rows(workdir):
+  """metrics.jsonl's rows without their timings."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(line).items()
+             if k not in ('epoch_seconds', 'train_seconds', 'train_images_per_second')}
+            for line in f]
 
 
 def test_tta_key_is_absent_when_off(tmp_path, image_folder):
