@@ -22,11 +22,17 @@ BASELINE on test only: validation figures are compared only on the same split an
 choices are made on them, never on the test figures. A run that reports no multi-crop accuracy
 gets the one `--multicrop DIR=ACC` gives (e.g. from `python -m dsconv_jax.evaluate --workdir=DIR
 --tta_flip --tta_translate=1`), marked with an asterisk.
+
+A run that kept further moving averages of its weights (config.ema_extra_decays) gets a row for
+each below its own: the same training evaluated with that average (summary.json's `ema_extra`),
+its change `ema_decay=D` against the reference, with the final validation and test accuracies
+(single view) and their differences; the figures only the run's own average has stay empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -36,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Keys that name where a run lives or how it reports, not what it trains.
 IGNORED = {'cache_dir', 'data_dir', 'dataset', 'tta_flip', 'tta_translate', 'checkpoint_keep',
-           'deterministic'}
+           'deterministic', 'ema_extra_decays'}
 
 
 def flatten(config: dict, prefix: str = '') -> dict:
@@ -140,8 +146,26 @@ class Row:
         value, self.mark = extra[d], '*'
       self.multicrop.append(value)
 
+    self.ema_decay = None  # Set on a row of a further average (`with_ema`).
+
   def key(self) -> tuple:
     return self.split, self.epochs
+
+  def further_averages(self) -> list['Row']:
+    """A row for each further average the runs kept (config.ema_extra_decays)."""
+    kept = [{row['decay']: row for row in s.get('ema_extra', ())} for s in self.summaries]
+    out = []
+    for decay in kept[0]:
+      if any(decay not in k for k in kept):
+        raise SystemExit(f'error: {self.name}: not every seed kept the EMA decay {decay}')
+      row = copy.copy(self)
+      row.name = f'{self.name}, EMA {decay:g}'
+      row.config = dict(self.config, ema_decay=decay)
+      row.val = [k[decay]['final_val_accuracy'] for k in kept]
+      row.test = [k[decay]['test_accuracy'] for k in kept]
+      row.multicrop, row.mark, row.ema_decay = [None], '', decay
+      out.append(row)
+    return out
 
   def cells(self, reference: 'Row', first: 'Row') -> list[str]:
     s = self.summaries
@@ -153,14 +177,17 @@ class Row:
     delta = 100 * (statistics.mean(self.test) - statistics.mean(against.test))
     best = ', '.join(str(x['best_epoch']) for x in s)
     seeds = ', '.join(str(x['config'].get('seed', 0)) for x in s)
+    own = self.ema_decay is None  # Figures of the run's own average (max val, TTA, time).
     return [self.name, changes(self.config, against.config) if self is not first
             else '(baseline)', self.split, str(self.epochs), seeds,
             f'{s[0]["params_total"]:,}', f'{macs(s[0]) / 1e6:.1f}M', spread(self.val),
-            f'{spread([x["max_val_accuracy"] for x in s])} ({best})', spread(self.test),
-            spread([x.get('test_accuracy_tta_flip') for x in s]),
+            f'{spread([x["max_val_accuracy"] for x in s])} ({best})' if own else '',
+            spread(self.test),
+            spread([x.get('test_accuracy_tta_flip') for x in s]) if own else '',
             spread(self.multicrop) + self.mark,
             spread([r['train_accuracy'] for r in self.finals]),
-            f'{statistics.mean(x["train_seconds"] for x in s):,.0f}', val_delta, f'{delta:+.2f}']
+            f'{statistics.mean(x["train_seconds"] for x in s):,.0f}' if own else '',
+            val_delta, f'{delta:+.2f}']
 
 
 def main(argv=None) -> None:
@@ -170,7 +197,8 @@ def main(argv=None) -> None:
   parser.add_argument('--multicrop', action='append', default=[], metavar='DIR=ACC')
   args = parser.parse_args(argv)
   extra = {os.path.normpath(k): float(v) for k, v in (m.split('=', 1) for m in args.multicrop)}
-  rows = [Row(entry, extra) for entry in [args.baseline, *args.dirs]]
+  rows = [row for entry in [args.baseline, *args.dirs]
+          for run in [Row(entry, extra)] for row in [run, *run.further_averages()]]
   references = {}
   for row in rows:
     references.setdefault(row.key(), row)

@@ -94,3 +94,34 @@ def test_recipe_table_averages_seed_groups_and_compares_each_length_with_its_own
   again = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
                           f'{long[0]}+{long[0]}'], capture_output=True, text=True, timeout=300)
   assert again.returncode == 1 and 'repeats a run or a seed' in again.stderr
+
+
+def test_recipe_table_gives_each_further_average_a_row_of_its_own(tmp_path):
+  config = load_config('dsresnet')
+  config.holdout = 5000
+  held = dict(val_split='holdout:5000', macs_per_image=22_500_000)
+  base = _run(tmp_path / 'base', config, 0.8792, 0.8821, **held)
+  config.ema_extra_decays = '0.998,0.9995'
+  extra = [{'decay': 0.998, 'final_val_accuracy': 0.8801, 'final_val_loss': 0.4,
+            'test_accuracy': 0.8770},
+           {'decay': 0.9995, 'final_val_accuracy': 0.8860, 'final_val_loss': 0.4,
+            'test_accuracy': 0.8812}]
+  runs = []
+  for seed, shift in ((0, 0.0), (1, 0.002)):
+    config.seed = seed
+    kept = [dict(row, final_val_accuracy=row['final_val_accuracy'] + shift) for row in extra]
+    runs.append(_run(tmp_path / f'ema{seed}', config, 0.8800, 0.8830, ema_extra=kept, **held))
+  rows = _table(base, '+'.join(runs))
+  # The further averages do not change what the run trains: its own row is the baseline's config.
+  assert rows[1][0] == '| `ema0` + `ema1`' and rows[1][1] == '(baseline)'
+  assert rows[2][0] == '| `ema0` + `ema1`, EMA 0.998' and rows[2][1] == 'ema_decay=0.998'
+  assert rows[3][0] == '| `ema0` + `ema1`, EMA 0.9995' and rows[3][1] == 'ema_decay=0.9995'
+  assert rows[3][7] == '88.70 ± 0.14%' and rows[3][9] == '88.12 ± 0.00%'
+  assert rows[3][8] == rows[3][10] == rows[3][13] == ''  # Only the run's own average has them.
+  assert rows[3][-2:] == ['+0.49', '+0.20 |']
+  # Seeds that kept other averages do not make one row.
+  config.seed, config.ema_extra_decays = 2, '0.998'
+  other = _run(tmp_path / 'ema2', config, 0.88, 0.88, ema_extra=extra[:1], **held)
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
+                        base, f'{runs[0]}+{other}'], capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1 and 'not every seed kept the EMA decay 0.9995' in bad.stderr
