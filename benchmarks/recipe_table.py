@@ -146,7 +146,7 @@ class Row:
         value, self.mark = extra[d], '*'
       self.multicrop.append(value)
 
-    self.ema_decay = None  # Set on a row of a further average (`with_ema`).
+    self.ema_decay = None  # A further average's decay on its row (`further_averages`).
 
   def key(self) -> tuple:
     return self.split, self.epochs
@@ -155,9 +155,10 @@ class Row:
     """A row for each further average the runs kept (config.ema_extra_decays)."""
     kept = [{row['decay']: row for row in s.get('ema_extra', ())} for s in self.summaries]
     out = []
+    if any(k.keys() != kept[0].keys() for k in kept):
+      raise SystemExit(f'error: {self.name}: the seeds kept other further EMA decays: '
+                       + '; '.join(', '.join(map(str, k)) or 'none' for k in kept))
     for decay in kept[0]:
-      if any(decay not in k for k in kept):
-        raise SystemExit(f'error: {self.name}: not every seed kept the EMA decay {decay}')
       row = copy.copy(self)
       row.name = f'{self.name}, EMA {decay:g}'
       row.config = dict(self.config, ema_decay=decay)

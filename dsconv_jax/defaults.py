@@ -134,9 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Cap the decay at (1 + step) / (10 + step) early on (TensorFlow's num_updates), so the average
   # forgets the initial weights fast; False averages with ema_decay from the first step.
   config.ema_warmup = True
-  # Further decays, e.g. '0.9995,0.9998' ('' = none): moving averages of the weights kept beside
+  # Further decays, e.g. '0.998,0.9995' ('' = none): moving averages of the weights kept beside
   # ema_decay's (same warm-up), each evaluated once at the end on the validation split and test
-  # (summary.json 'ema_extra'), so that one run compares decays. Training is unchanged.
+  # (summary.json 'ema_extra'), so that one run compares decays. Training is unchanged. With the
+  # warm-up, decays at or above its cap at the last step follow the cap alike: one at most.
   config.ema_extra_decays = ''
   # Distillation: a finished run's workdir whose model (the teacher) scores every training batch
   # as the student sees it; '' = off. The loss is (1 - distill_weight) x the label loss +

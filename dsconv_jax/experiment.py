@@ -86,6 +86,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                     f'use a multiple of {n}')
 
 
+def check_distinct_averages(config: ml_collections.ConfigDict, total_steps: int) -> None:
+  """Refuses further EMA decays that keep the same average as another over `total_steps`: with
+  config.ema_warmup, decays at or above the warm-up's cap at the last step are capped at every
+  step, so they all follow the cap."""
+  extra = ema_extra_decays_of(config)
+  if not extra:
+    return
+  warmup = bool(config.get('ema_warmup', True))
+  cap = steps.last_decay(1.0, total_steps, warmup)
+  capped = [d for d in (ema_decay_of(config), *extra) if d >= cap]
+  if len(capped) > 1:
+    raise UserError(
+        f'config.ema_extra_decays: over this run\'s {total_steps} steps the warm-up caps the '
+        f'decays {", ".join(f"{d:g}" for d in capped)} at (1 + step) / (10 + step) at every '
+        f'step (at most {cap:.6f}), so they keep the same average; keep one of them, choose '
+        'smaller decays, or set config.ema_warmup=False')
+
+
 def recalibrate_augment(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The augmentations of the PreciseBN batches: config.augment's for 'train', else the list."""
   spec = config.get('bn_recalibrate_augment', 'train')
@@ -105,7 +123,7 @@ def ema_decay_of(config: ml_collections.ConfigDict) -> float:
 
 
 def ema_extra_decays_of(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-  """The decays of config.ema_extra_decays ('0.9995,0.9998', a number or a sequence), checked:
+  """The decays of config.ema_extra_decays ('0.998,0.9995', a number or a sequence), checked:
   each in (0, 1), none repeated nor config.ema_decay's, and only beside an ema_decay > 0."""
   spec = config.get('ema_extra_decays', '') or ''
   if isinstance(spec, str) and not spec.strip():
@@ -122,7 +140,7 @@ def ema_extra_decays_of(config: ml_collections.ConfigDict) -> tuple[float, ...]:
       decay = None
     if decay is None or not 0.0 < decay < 1.0:
       raise UserError('config.ema_extra_decays must be decays in (0, 1) separated by commas, '
-                      f"like '0.9995,0.9998' ('' = none), got {spec!r}")
+                      f"like '0.998,0.9995' ('' = none), got {spec!r}")
     decays.append(decay)
   if not decays:
     return ()
@@ -415,6 +433,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
   if steps_per_epoch == 0:
     raise UserError(f'config.batch_size={config.batch_size} is larger than the '
                     f'{len(data.train.labels)} training examples')
+  check_distinct_averages(config, steps_per_epoch * config.num_epochs)
   if 'jitter' in augment_lib.parse(config.augment) and data.image_shape[-1] != 3:
     raise UserError(f"config.augment's 'jitter' adjusts RGB colour; these images have "
                     f'{data.image_shape[-1]} channel(s)')

@@ -43,12 +43,31 @@ class TrainState(train_state.TrainState):
   # An exponential moving average of `params`, evaluated in their place; None when
   # config.ema_decay is 0, so that the state (and its checkpoints) are then as before.
   ema_params: Any = None
-  # Further moving averages of `params` (a tuple of parameter trees, one per decay of
-  # config.ema_extra_decays), evaluated once at the end; None when there are none.
-  ema_extra: Any = None
   # The model's other variable collections that training updates (an NNX model's `nnx.Rngs`
   # keys and counters: `nnx_adapter.STATE`), by collection; None for Linen models.
   model_state: Any = None
+
+
+class TrainStateWithAverages(TrainState):
+  """A `TrainState` that also keeps further moving averages of `params` (config.ema_extra_decays),
+  evaluated once at the end. A subclass, not a field of `TrainState`: Orbax stores even a None
+  field, so a new field would change every run's checkpoint structure and leave the checkpoints
+  of earlier versions unreadable."""
+  ema_extra: Any = None  # A tuple of parameter trees, one per decay.
+
+
+def further_averages(state: TrainState) -> tuple[Any, ...] | None:
+  """The state's further moving averages (`TrainStateWithAverages`), or None."""
+  return getattr(state, 'ema_extra', None)
+
+
+def last_decay(decay: float, total_steps: int, warmup: bool) -> float:
+  """The decay `update_ema` applies at a run's last step (step `total_steps`): with `warmup`,
+  `decay` capped at (1 + total_steps) / (10 + total_steps). Two decays at or above the cap there
+  give the same average throughout the run."""
+  if not warmup:
+    return decay
+  return min(decay, (1.0 + total_steps) / (10.0 + total_steps))
 
 
 def model_variables(state: 'TrainState', params: Any) -> dict[str, Any]:
@@ -132,9 +151,10 @@ def update_ema(state: 'TrainState', decay: float, warmup: bool = True,
     return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, average, state.params)
 
   state = state.replace(ema_params=moved(state.ema_params, decay))
-  if extra_decays:
+  extra = further_averages(state)
+  if extra is not None or extra_decays:
     state = state.replace(ema_extra=tuple(
-        moved(average, d) for average, d in zip(state.ema_extra, extra_decays, strict=True)))
+        moved(average, d) for average, d in zip(extra, extra_decays, strict=True)))
   return state
 
 
@@ -142,7 +162,7 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
                        init_params: Callable[[Any], Any] | None = None,
                        ema_extra: int = 0) -> TrainState:
   """The initial state; with `ema` it also holds `ema_params`, starting at the initial params,
-  and with `ema_extra` = n, n further averages (`TrainState.ema_extra`) starting there too.
+  and with `ema_extra` = n, n further averages (`TrainStateWithAverages`) starting there too.
 
   `init_params` transforms the model's initial parameters (e.g. `layers.dirac_init`). The
   collections a model names in `state_collections` (an NNX model's) go to `model_state`.
@@ -154,12 +174,14 @@ def create_train_state(model, key: jax.Array, image_shape, tx, ema: bool = False
     params = init_params(params)
   model_state = {k: variables[k] for k in getattr(model, 'state_collections', ())
                  if k in variables}
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           batch_stats=variables.get('batch_stats', {}),
-                           ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                           ema_extra=tuple(jax.tree.map(jnp.copy, params)
-                                           for _ in range(ema_extra)) or None,
-                           model_state=model_state or None)
+  fields = dict(apply_fn=model.apply, params=params, tx=tx,
+                batch_stats=variables.get('batch_stats', {}),
+                ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                model_state=model_state or None)
+  if ema_extra:
+    return TrainStateWithAverages.create(
+        **fields, ema_extra=tuple(jax.tree.map(jnp.copy, params) for _ in range(ema_extra)))
+  return TrainState.create(**fields)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,

@@ -58,6 +58,10 @@ def prepare_workdir(workdir: str) -> None:
                     '--workdir') from None
 
 
+# run.json keys written only when the run sets them (older run.json lack them).
+OPTIONAL_IDENTITY = ('holdout', 'data_seed', 'ema_extra_decays')
+
+
 def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
   """Refuses to resume a workdir that belongs to a different model or dataset.
 
@@ -81,6 +85,9 @@ def _check_run_identity(workdir: str, identity: dict[str, Any]) -> None:
 
     diffs = [f'{k}: {previous.get(k)!r} there, {v!r} now' for k, v in identity.items()
              if not same(k, v)]
+    # Keys recorded only when set: one the run had and this config lacks differs too.
+    diffs += [f'{k}: {previous[k]!r} there, none now' for k in OPTIONAL_IDENTITY
+              if k in previous and k not in identity]
     if diffs:
       raise UserError(f'workdir {workdir!r} holds a run of a different configuration ('
                       + '; '.join(diffs) + '); use a new --workdir')
@@ -143,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, quiet
 
     eval_state = exp.eval_state(state, history[-1]['epoch'])  # What validation evaluated.
     summary = _summarize(exp, eval_state, history, compile_seconds)
-    if state.ema_extra is not None:
+    if steps.further_averages(state) is not None:
       summary['ema_extra'] = _ema_extra_results(exp, state, history[-1]['epoch'], val_arrays)
     # Programs this run loaded from the compilation cache, and compiled afresh.
     summary['compilation_cache'] = {'dir': cache_dir, **{
@@ -445,8 +452,8 @@ def _ema_extra_results(exp: experiment_lib.Experiment, state, epoch: int, val_ar
   test_on_val = data.val_split == 'test' and not config.eval_examples
   test_arrays = None if test_on_val else exp.put_split(data.test)
   results = []
-  for decay, params in zip(experiment_lib.ema_extra_decays_of(config), state.ema_extra,
-                           strict=True):
+  for decay, params in zip(experiment_lib.ema_extra_decays_of(config),
+                           steps.further_averages(state), strict=True):
     evaluated = exp.eval_state(state.replace(ema_params=params), epoch)
     val = {k: float(steps.host_value(v)) for k, v in exp.evaluate(evaluated, *val_arrays).items()}
     test = val['accuracy'] if test_on_val else float(

@@ -3,6 +3,7 @@ AdamW / Nesterov SGD, weight decay that skips BatchNorm parameters and biases, l
 an EMA of the weights used for evaluation, test-time flip and multi-crop averaging, a BatchNorm
 bias learning-rate multiplier and identity (Dirac) initialisation."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -669,11 +670,42 @@ def test_a_further_average_scores_as_a_run_of_its_decay_and_resumes(tmp_path, im
     f.write(lines[0])
   again = train.train_and_evaluate(config(0.9, '0.5'), resumed, quiet=True)
   assert again['ema_extra'] == both['ema_extra']
-  # Other further averages cannot resume this run's checkpoints: refused in one line.
-  with pytest.raises(UserError, match='ema_extra_decays'):
+  # Other further averages, or none, cannot resume this run's checkpoints: refused in one line.
+  with pytest.raises(UserError, match=re.escape('ema_extra_decays: [0.5] there, [0.5, 0.99] now')):
     train.train_and_evaluate(config(0.9, '0.5,0.99'), str(tmp_path / 'both'), quiet=True)
+  with pytest.raises(UserError, match=re.escape('ema_extra_decays: [0.5] there, none now')):
+    train.train_and_evaluate(config(0.9, ''), str(tmp_path / 'both'), quiet=True)
   # The finished run loads for inference (its state holds the further average).
   assert inference.load_run(str(tmp_path / 'both')).ema
+
+
+def test_further_averages_that_the_warm_up_caps_alike_are_refused():
+  config = recipe_config('unused', 50)
+  config.ema_decay, config.ema_extra_decays = 0.999, '0.998,0.9995'
+  # 50 epochs of 351 steps: the cap reaches 0.99949; only 0.9995 stays capped at every step.
+  experiment.check_distinct_averages(config, 17_550)
+  config.ema_extra_decays = '0.9995,0.9998'
+  with pytest.raises(UserError, match=r'caps the decays 0.9995, 0.9998 .*\(at most 0.999487\)'):
+    experiment.check_distinct_averages(config, 17_550)
+  # 10 epochs: the run's own 0.999 is capped too.
+  config.ema_extra_decays = '0.9995'
+  with pytest.raises(UserError, match='caps the decays 0.999, 0.9995'):
+    experiment.check_distinct_averages(config, 3_510)
+  config.ema_warmup = False
+  experiment.check_distinct_averages(config, 3_510)
+
+
+def test_a_state_without_further_averages_keeps_the_checkpoint_structure_of_earlier_versions():
+  # Orbax stores every field, None ones too: a new TrainState field would make every checkpoint
+  # written before it unreadable (resuming, evaluate, predict, export, distillation teachers).
+  state = tiny_state(True)
+  assert [f.name for f in dataclasses.fields(state) if f.metadata.get('pytree_node', True)] == [
+      'step', 'params', 'opt_state', 'batch_stats', 'ema_params', 'model_state']
+  assert steps.further_averages(state) is None
+  model = models.create_model('tiny', num_classes=3)
+  kept = steps.create_train_state(model, jax.random.key(0), (8, 8, 3), optax.sgd(0.1), ema=True,
+                                  ema_extra=1)
+  assert len(steps.further_averages(kept)) == 1
 
 
 def metrics_rows(workdir):

@@ -124,4 +124,8 @@ def test_recipe_table_gives_each_further_average_a_row_of_its_own(tmp_path):
   other = _run(tmp_path / 'ema2', config, 0.88, 0.88, ema_extra=extra[:1], **held)
   bad = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
                         base, f'{runs[0]}+{other}'], capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and 'not every seed kept the EMA decay 0.9995' in bad.stderr
+  assert bad.returncode == 1 and 'kept other further EMA decays: 0.998, 0.9995; 0.998' in bad.stderr
+  reversed_ = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
+                              base, f'{other}+{runs[0]}'], capture_output=True, text=True,
+                             timeout=300)
+  assert reversed_.returncode == 1 and 'kept other further EMA decays' in reversed_.stderr
