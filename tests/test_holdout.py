@@ -117,6 +117,10 @@ def test_a_run_validates_on_the_holdout_and_tests_once_on_the_test_split(
   with pytest.raises(UserError, match='different configuration'):
     train.train_and_evaluate(config_for(image_folder, holdout=9, num_epochs=3), workdir,
                              quiet=True)
+  # So is resuming without one: it would train on the held-out images.
+  with pytest.raises(UserError, match='holdout: 6 there, none now'):
+    train.train_and_evaluate(config_for(image_folder, holdout=0, num_epochs=3), workdir,
+                             quiet=True)
 
 
 def test_compare_shows_what_validated_each_run():
