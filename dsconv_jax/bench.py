@@ -5,7 +5,10 @@
 Trains seed n into DIR/seed_<n>/ exactly as `dsconv_jax.main` would (resumable the same way; a
 seed whose run already finished with the same config is not trained again), then writes
 DIR/bench.json with the per-seed summaries and the mean and sample standard deviation (ddof=1)
-of max_val_accuracy, test_accuracy and train_seconds, and prints them as a table.
+of max_val_accuracy, final_val_accuracy (the last epoch's: what a choice on a holdout reads),
+test_accuracy and train_seconds, and prints them as a table. Runs that keep further moving
+averages (config.ema_extra_decays) get the same statistics of each average's final validation
+and test accuracy (bench.json's `ema_extra`), one table row each.
 
 Time to accuracy: for each seed, the first epoch whose validation accuracy passes
 `--target_accuracy` (default 0.8293, the source baseline's max val accuracy) and the seconds up
@@ -43,7 +46,9 @@ cli.flag(flags.DEFINE_float, 'target_accuracy', 0.8293,
          'Validation accuracy whose first passing epoch, and the seconds to it, are reported.')
 cli.define_distributed_flags()
 
-METRICS = ('max_val_accuracy', 'test_accuracy', 'train_seconds')
+METRICS = ('max_val_accuracy', 'final_val_accuracy', 'test_accuracy', 'train_seconds')
+# Each further average's figures (summary.json's `ema_extra` rows).
+AVERAGE_METRICS = ('final_val_accuracy', 'test_accuracy')
 
 
 def parse_seeds(values: Sequence[str]) -> list[int]:
@@ -85,14 +90,38 @@ def target_stats(times: dict[int, dict[str, Any]], target: float) -> dict[str, A
   return out
 
 
-def aggregate(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
-  """Mean and sample standard deviation (0 for a single seed) of each benchmark metric."""
-  out: dict[str, Any] = {'n': len(summaries), 'mean': {}, 'std': {}}
-  for key in METRICS:
-    values = np.array([s[key] for s in summaries.values()], np.float64)
+def _statistics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+  """Mean and sample standard deviation (0 for one row) of each key over `rows`; None where a
+  row lacks the key (a summary written before it existed)."""
+  out: dict[str, Any] = {'mean': {}, 'std': {}}
+  for key in keys:
+    if any(r.get(key) is None for r in rows):
+      out['mean'][key] = out['std'][key] = None
+      continue
+    values = np.array([r[key] for r in rows], np.float64)
     out['mean'][key] = float(values.mean())
     out['std'][key] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
   return out
+
+
+def aggregate(summaries: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """Mean and sample standard deviation (0 for a single seed) of each benchmark metric, and of
+  each further average's figures (`ema_extra`, when the runs kept them)."""
+  out: dict[str, Any] = {'n': len(summaries), **_statistics(list(summaries.values()), METRICS)}
+  kept = [{row['decay']: row for row in s.get('ema_extra', ())} for s in summaries.values()]
+  if kept and kept[0] and all(k.keys() == kept[0].keys() for k in kept):
+    out['ema_extra'] = [{'decay': decay, **_statistics([k[decay] for k in kept],
+                                                       AVERAGE_METRICS)}
+                        for decay in kept[0]]
+  return out
+
+
+def _pct(value) -> str:
+  return '-' if value is None else f'{100 * value:.2f}%'
+
+
+def _pct_spread(mean, std) -> str:
+  return '-' if mean is None else f'{100 * mean:.2f} ± {100 * std:.2f}%'
 
 
 def _to_target_cell(epochs, seconds) -> str:
@@ -102,20 +131,22 @@ def _to_target_cell(epochs, seconds) -> str:
 def format_table(summaries: dict[int, dict[str, Any]], stats: dict[str, Any],
                  times: dict[int, dict[str, Any]] | None = None,
                  to_target: dict[str, Any] | None = None) -> str:
-  header = ('seed', 'max val acc', 'best epoch', 'test acc', 'train s')
+  header = ('seed', 'max val acc', 'best epoch', 'final val acc', 'test acc', 'train s')
   if to_target is not None:
     header += (f'passes {100 * to_target["target_accuracy"]:.2f}% at',)
   rows = [header]
   for seed, s in summaries.items():
-    row = (str(seed), f'{100 * s["max_val_accuracy"]:.2f}%', str(s['best_epoch']),
-           f'{100 * s["test_accuracy"]:.2f}%', f'{s["train_seconds"]:.1f}')
+    row = (str(seed), _pct(s['max_val_accuracy']), str(s['best_epoch']),
+           _pct(s.get('final_val_accuracy')), _pct(s['test_accuracy']),
+           f'{s["train_seconds"]:.1f}')
     if to_target is not None:
       row += (_to_target_cell(times[seed]['epochs_to_target'], times[seed]['seconds_to_target']),)
     rows.append(row)
   m, sd = stats['mean'], stats['std']
   row = (f'mean ± std (n={stats["n"]})',
-         f'{100 * m["max_val_accuracy"]:.2f} ± {100 * sd["max_val_accuracy"]:.2f}%', '',
-         f'{100 * m["test_accuracy"]:.2f} ± {100 * sd["test_accuracy"]:.2f}%',
+         _pct_spread(m['max_val_accuracy'], sd['max_val_accuracy']), '',
+         _pct_spread(m['final_val_accuracy'], sd['final_val_accuracy']),
+         _pct_spread(m['test_accuracy'], sd['test_accuracy']),
          f'{m["train_seconds"]:.1f} ± {sd["train_seconds"]:.1f}')
   if to_target is not None:
     tm, ts = to_target['mean'], to_target['std']
@@ -124,6 +155,12 @@ def format_table(summaries: dict[int, dict[str, Any]], stats: dict[str, Any],
             f'{tm["seconds_to_target"]:.1f} ± {ts["seconds_to_target"]:.1f} s '
             f'({to_target["reached"]}/{stats["n"]} seeds)',)
   rows.append(row)
+  for average in stats.get('ema_extra', ()):
+    am, asd = average['mean'], average['std']
+    rows.append((f'EMA {average["decay"]:g}, mean ± std', '', '',
+                 _pct_spread(am['final_val_accuracy'], asd['final_val_accuracy']),
+                 _pct_spread(am['test_accuracy'], asd['test_accuracy']), '')
+                + (('',) if to_target is not None else ()))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ['| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |' for r in rows]
   lines.insert(1, '|' + '|'.join('-' * (w + 2) for w in widths) + '|')
