@@ -389,7 +389,7 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
   """
   config, data, report = exp.config, exp.data, exp.description.report
   test = data.test
-  if data.val_split == 'test' and not config.eval_examples:
+  if _validated_on_all_of_test(exp):
     test_accuracy = history[-1]['val_accuracy']  # Validation already ran on the whole test split.
   else:
     test_accuracy = float(steps.host_value(exp.evaluate(state, *exp.put_split(test))['accuracy']))
@@ -443,13 +443,18 @@ def _summarize(exp: experiment_lib.Experiment, state, history, compile_seconds: 
   }
 
 
+def _validated_on_all_of_test(exp: experiment_lib.Experiment) -> bool:
+  """Whether validation already ran on the whole test split (its figure is the test figure)."""
+  return exp.data.val_split == 'test' and not exp.config.eval_examples
+
+
 def _ema_extra_results(exp: experiment_lib.Experiment, state, epoch: int, val_arrays
                        ) -> list[dict[str, Any]]:
   """Each further average's (config.ema_extra_decays) final validation and test figures, its
   weights evaluated as the run's EMA weights are (with PreciseBN statistics of their own when the
   run recomputes them)."""
   config, data = exp.config, exp.data
-  test_on_val = data.val_split == 'test' and not config.eval_examples
+  test_on_val = _validated_on_all_of_test(exp)
   test_arrays = None if test_on_val else exp.put_split(data.test)
   results = []
   for decay, params in zip(experiment_lib.ema_extra_decays_of(config),
