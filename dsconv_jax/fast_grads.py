@@ -190,7 +190,7 @@ def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
   window in row-major order, like XLA's select-and-scatter and TensorFlow). Computed through a
   reshape instead: XLA's CPU backend expands select-and-scatter into four index arrays, a
   variadic reduce-window and a scatter, about 15% of Model 3's CPU step (BENCHMARKS.md), where
-  this is a few fused elementwise operations and a reduction.
+  this is a max and an argmax over each window and a few fused elementwise operations.
   """
   # Keywords, not positions: jax2onnx (the ONNX export, `dsconv_jax.export`) replaces
   # `nn.max_pool` while it traces with a function whose window and strides are keyword-only.
@@ -213,13 +213,18 @@ def _window_positions(shape, window):
 
 def _tiled_max_pool_fwd(x, window):
   xw = _windows(x, window)
-  y = xw.max(axis=(2, 4))
+  n, oh, ph, ow, pw, c = xw.shape
   # The first maximum's position is kept (one byte per output) rather than `x`: recomputing
-  # it in the backward pass from `x` also recomputed everything fused into `x`.
-  position = _window_positions(xw.shape, window)
-  first = jnp.min(jnp.where(xw == y[:, :, None, :, None], position, jnp.iinfo(position.dtype).max),
-                  axis=(2, 4))
-  return y, (first, x.shape)
+  # it in the backward pass from `x` also recomputed everything fused into `x`. It comes from
+  # `argmax` over each window (row-major, the first of ties; a NaN counts as the maximum), whose
+  # comparisons are among the window's own elements: an equality test of `x` against `y` can
+  # match no element at all, dropping the window's gradient, because XLA may compute `x` again
+  # in each fusion that reads it and two computations of one value need not agree to the bit
+  # (at `xla_backend_optimization_level=0` on the CPU they differ in about a third of Model 3's
+  # windows after BatchNorm).
+  dtype = jnp.int8 if ph * pw < 127 else jnp.int32
+  first = jnp.argmax(xw.transpose(0, 1, 3, 5, 2, 4).reshape(n, oh, ow, c, ph * pw), axis=-1)
+  return xw.max(axis=(2, 4)), (first.astype(dtype), x.shape)
 
 
 def _tiled_max_pool_bwd(window, residuals, dy):

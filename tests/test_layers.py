@@ -228,6 +228,27 @@ def test_dropout_impls_scale_kept_units_and_threefry_is_flax_dropout():
     layers.Options(dropout='philox')
 
 
+def test_tiled_max_pool_gradient_survives_its_input_computed_again_in_another_fusion():
+  # After ReLU and a normalisation XLA computes the pooled map inside each fusion that reads it;
+  # unoptimised CPU code computes it differently in two of them. Each window's gradient must
+  # still reach one of its elements: the unoptimised step's gradients equal the optimised one's.
+  rng = np.random.default_rng(0)
+  z = jnp.asarray(rng.normal(size=(8, 16, 16, 6)), jnp.float32)
+  scale, bias = (jnp.asarray(rng.normal(size=(6,)), jnp.float32) for _ in range(2))
+
+  def loss(z, scale, bias):
+    x = jax.nn.relu(z)
+    x = (x - x.mean((0, 1, 2))) * jax.lax.rsqrt(x.var((0, 1, 2)) + 1e-3) * scale + bias
+    return jnp.sum(fast_grads.tiled_max_pool(x, (2, 2)) ** 3)
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(z, scale, bias)
+  optimised = lowered.compile()(z, scale, bias)
+  unoptimised = lowered.compile(
+      compiler_options={'xla_backend_optimization_level': 0})(z, scale, bias)
+  for a, b in zip(optimised, unoptimised):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
 def test_tiled_max_pool_and_pointwise_conv_match_their_reference_gradients():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(2, 9, 7, 3)), jnp.float32)
