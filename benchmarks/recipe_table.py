@@ -56,10 +56,17 @@ def flatten(config: dict, prefix: str = '') -> dict:
 
 
 def load(directory: str) -> tuple[dict, list[dict]]:
-  with open(os.path.join(directory, 'summary.json')) as f:
-    summary = json.load(f)
-  with open(os.path.join(directory, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  """A finished run's summary.json and metrics.jsonl rows; one error line when either is missing
+  or unreadable (a run still training, a mistyped folder)."""
+  try:
+    with open(os.path.join(directory, 'summary.json')) as f:
+      summary = json.load(f)
+    with open(os.path.join(directory, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError) as e:
+    raise SystemExit(f'error: {directory}: not a finished run ({e})') from None
+  if not rows:
+    raise SystemExit(f'error: {directory}: metrics.jsonl holds no epoch')
   return summary, rows
 
 

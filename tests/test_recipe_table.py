@@ -29,6 +29,22 @@ def _table(*args):
   return [line.split(' | ') for line in done.stdout.splitlines()[2:]]
 
 
+def test_recipe_table_names_a_folder_that_holds_no_finished_run_in_one_line(tmp_path):
+  base = _run(tmp_path / 'base', load_config('dsresnet'), 0.8361)
+  training = tmp_path / 'training'  # A run still training: metrics, no summary yet.
+  training.mkdir()
+  (training / 'metrics.jsonl').write_text('{"epoch": 1}\n')
+  empty = _run(tmp_path / 'empty', load_config('dsresnet'), 0.8361)
+  (tmp_path / 'empty' / 'metrics.jsonl').write_text('')
+  for bad, says in ((tmp_path / 'typo', 'not a finished run'),
+                    (training, 'not a finished run'), (empty, 'metrics.jsonl holds no epoch')):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'recipe_table.py'),
+                           base, f'{base}+{bad}'], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ''
+    assert done.stderr.startswith(f'error: {bad}: {says}') and 'Traceback' not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_recipe_table_lists_changes_split_cost_and_differences_to_the_baseline(tmp_path):
   config = load_config('dsresnet')
   # Recorded before macs_per_image and val_split existed (it validated on the test split).
