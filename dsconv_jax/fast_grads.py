@@ -187,7 +187,8 @@ def tiled_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
   """Max pooling of NHWC `x` over non-overlapping `window`s ('valid' padding).
 
   Same values and gradient as `nn.max_pool` (the gradient goes to the first maximum of each
-  window in row-major order, like XLA's select-and-scatter and TensorFlow). Computed through a
+  window in row-major order, like XLA's select-and-scatter and TensorFlow), except in a window
+  holding a NaN, whose gradient goes to its first NaN. Computed through a
   reshape instead: XLA's CPU backend expands select-and-scatter into four index arrays, a
   variadic reduce-window and a scatter, about 15% of Model 3's CPU step (BENCHMARKS.md), where
   this is a max and an argmax over each window and a few fused elementwise operations.
@@ -223,8 +224,8 @@ def _tiled_max_pool_fwd(x, window):
   # (at `xla_backend_optimization_level=0` on the CPU they differ in about a third of Model 3's
   # windows after BatchNorm).
   dtype = jnp.int8 if ph * pw < 127 else jnp.int32
-  first = jnp.argmax(xw.transpose(0, 1, 3, 5, 2, 4).reshape(n, oh, ow, c, ph * pw), axis=-1)
-  return xw.max(axis=(2, 4)), (first.astype(dtype), x.shape)
+  first = jax.lax.argmax(xw.transpose(0, 1, 3, 5, 2, 4).reshape(n, oh, ow, c, ph * pw), 4, dtype)
+  return xw.max(axis=(2, 4)), (first, x.shape)
 
 
 def _tiled_max_pool_bwd(window, residuals, dy):
