@@ -7,7 +7,9 @@
 # DATA_ROOT is an image-folder copy of CIFAR-10 (ROOT/{train,test}/<class>/); each run trains into
 # OUT/<name> (python -m dsconv_jax.main, so a run cut off resumes from its newest checkpoint when
 # the script is started again, and a finished one is skipped). A candidates line is a name and
-# --config.KEY=VALUE overrides of configs/dsresnet.py; $OUT in a line is this OUT (the
+# --config.KEY=VALUE overrides of configs/dsresnet.py (benchmarks/candidates40.txt's lines each
+# name their depthwise kernel size, 3 for the screen's base, so a line trains what it trained
+# whatever the config's default); $OUT in a line is this OUT (the
 # distillation line's teacher is the reference network's run of the same length). NAMES runs
 # only those lines (the reference network's run is 'tiniest'). PYTHON picks the interpreter
 # (default python).

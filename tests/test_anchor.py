@@ -5,6 +5,7 @@ config file beside a config (throughput's --also=--config=FILE)."""
 import json
 import os
 import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,38 @@ def test_every_screening_line_is_a_named_holdout_run_inside_the_rules():
     report = seen[key]
     assert report.violations == [] and report.params_total < 100_000, name
   assert len(seen) >= 6  # The architectures: base, k5, k7, dil2/dil3 (= base), mix, one down.
+
+
+def test_every_recorded_screening_line_still_trains_what_it_trained():
+  # The screen's recorded runs (results/screen40-cpu-10ep) are read against each other and rerun
+  # at 50 epochs on a GPU from the same file: a line must keep its meaning when configs/dsresnet.py
+  # changes (its kernel size became the screen's winner, so every line names the kernel it ran).
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import recipe_table  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  screen = os.path.join(ROOT, 'results', 'screen40-cpu-10ep')
+  lines = [(name, text.replace('$WARMUP', '0.1').replace('$OUT', '/screen'))
+           for name, text in candidate_lines()]
+  configs = throughput.configs_of(load_config('dsresnet'),
+                                  [f'--config.num_epochs=10 {o}' for _, o in lines])[1:]
+  checked = []
+  for (name, _), (_, config) in zip(lines, configs):
+    path = os.path.join(screen, name, 'summary.json')
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      recorded = json.load(f)['config']
+    # The teacher's folder differs by machine; the width multiplier is fit_params' result for
+    # the architecture compared (recorded after fitting, 1.0 before).
+    ran, now = (json.loads(json.dumps({k: v for k, v in c.items() if k != 'distill_workdir'}))
+                for c in (recorded, config.to_dict()))
+    for c in (ran, now):
+      c['model_kwargs'].pop('width_multiplier', None)
+    assert recipe_table.changes(now, ran) == '(baseline)', name
+    checked.append(name)
+  assert {'base', 'k5', 'k7', 'dil2', 'mix377d3', 'adamw1c'} <= set(checked)
 
 
 def test_also_can_time_another_config_file_beside_the_config():
