@@ -121,8 +121,8 @@ def test_every_screening_line_is_a_named_holdout_run_inside_the_rules():
 
 def test_every_recorded_screening_line_still_trains_what_it_trained():
   # The screen's recorded runs (results/screen40-cpu-10ep) are read against each other and rerun
-  # at 50 epochs on a GPU from the same file: a line keeps its meaning whatever configs/dsresnet.py's
-  # defaults are (every line names the depthwise kernel size it ran).
+  # at 50 epochs on a GPU from the same file: a line keeps its meaning whatever the defaults of
+  # configs/dsresnet.py are (every line names the depthwise kernel size it ran).
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   try:
     import recipe_table  # pylint: disable=g-import-not-at-top
