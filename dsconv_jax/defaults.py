@@ -100,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Training.
   config.num_epochs = 50  # Passes over the training images.
   config.batch_size = 128  # Global: split over all devices, so it must divide by their number.
-  config.eval_batch_size = 1000  # Images per evaluation step (memory only; no effect on results).
+  # Images per evaluation step at most (memory only; no effect on results).
+  config.eval_batch_size = 1000
   config.seed = 0  # Initialisation, data order, dropout and augmentation (not the subsets).
   # 'keras_adam' (Keras' Adam, eps 1e-7), 'adam' (optax), 'adamw' (decoupled weight decay),
   # 'sgd' (with momentum, nesterov).

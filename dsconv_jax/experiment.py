@@ -462,7 +462,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
                               load_teacher(config, data, mesh, mean_d, std_d,
                                            teacher_run)),
       alternate_flip='altflip' in augment_lib.parse(config.augment))
-  eval_batch_size = -(-config.eval_batch_size // n_dev) * n_dev
+  eval_batch_size = _eval_batch_size(config.eval_batch_size, data, n_dev)
 
   def make_evaluate(tta_flip=False, tta_translate=0):
     # Several views per image are evaluated in proportionally smaller batches.
@@ -495,6 +495,16 @@ def create_experiment(config: ml_collections.ConfigDict, data: Data, *,
       train_epoch=train_epoch, eval_batch_size=eval_batch_size, evaluate=make_evaluate(),
       evaluate_tta_flip=make_evaluate(tta_flip=True), evaluate_tta_multicrop=multicrop,
       recalibrate=recalibrate, forms=forms, depthwise_seconds=depthwise_seconds)
+
+
+def _eval_batch_size(configured: int, data: Data, n_dev: int) -> int:
+  """config.eval_batch_size, lowered to the larger of the splits evaluated (val, test) when that
+  is smaller, as a multiple of `n_dev`. A split is padded with masked images to a multiple of the
+  batch, so 24 test images in a batch of 1000 compute 1000 images. Measured: a 1-epoch DS-ResNet
+  run on 72 generated images (24 test) spends 31 of its 83 s on its final evaluations with
+  batches of 1000, and runs 2.7-2.9x faster with batches of 24."""
+  largest = max(len(data.val.labels), len(data.test.labels), 1)
+  return -(-min(configured, largest) // n_dev) * n_dev
 
 
 def _view_batch_size(eval_batch_size: int, views: int, n_dev: int) -> int:

@@ -138,6 +138,28 @@ def test_evaluation_counts_the_last_partial_batch(image_folder):
   np.testing.assert_allclose(got['loss'], loss, rtol=1e-5)
 
 
+def test_evaluation_batches_are_no_larger_than_the_splits_evaluated(image_folder):
+  # Padding 12 test images to a batch of 1000 would compute 1000 images per evaluation.
+  from dsconv_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = config_for(image_folder, eval_batch_size=1000, holdout=5)
+  split = experiment.load_data(config)
+  assert (len(split.val.labels), len(split.test.labels)) == (5, 12)
+  exp = experiment.create_experiment(config, split)
+  assert exp.eval_batch_size == 12
+  assert [a.shape[0] for a in exp.put_split(split.val)] == [12] * 3
+  small = experiment.create_experiment(config_for(image_folder, eval_batch_size=5, holdout=5),
+                                       split)
+  assert small.eval_batch_size == 5  # A configured batch below the splits' sizes is kept.
+  # The figures do not depend on the batch.
+  for a, b in ((exp.evaluate, small.evaluate), (exp.evaluate_tta_flip, small.evaluate_tta_flip)):
+    got = {k: float(v) for k, v in a(exp.state, *exp.put_split(split.test)).items()}
+    want = {k: float(v) for k, v in b(small.state, *small.put_split(split.test)).items()}
+    assert got == pytest.approx(want, rel=1e-5)
+  # On several devices the batch is a multiple of their number.
+  batch = experiment._eval_batch_size  # pylint: disable=protected-access
+  assert (batch(1000, split, 5), batch(10, split, 4), batch(3, split, 4)) == (15, 12, 4)
+
+
 def test_bad_config_values_are_user_errors(tmp_path, image_folder):
   for key, value, match in (('batch_size', 0, 'batch_size must be a positive'),
                             ('num_epochs', -1, 'num_epochs must be a positive'),
