@@ -10,7 +10,8 @@
 # --config.KEY=VALUE overrides of configs/dsresnet.py (benchmarks/candidates40.txt's lines each
 # name their depthwise kernel size, 3 for the screen's base, so a line trains what it trained
 # whatever the config's default); $OUT in a line is this OUT (the
-# distillation line's teacher is the reference network's run of the same length). NAMES runs
+# distillation line's teacher is the reference network's run of the same length; distillk5's is
+# the 5x5 network's 50-epoch run in results/, a path from this repository's root). NAMES runs
 # only those lines (the reference network's run is 'tiniest'). PYTHON picks the interpreter
 # (default python).
 # The table, OUT/table.md (benchmarks/recipe_table.py, baseline OUT/base), lists every finished run
