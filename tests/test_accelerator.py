@@ -149,10 +149,13 @@ def test_every_issue16_gpu_candidate_parses_and_fits_the_rules():
     lines = [line.strip() for line in f if line.strip()]
   assert len(lines) >= 5
   candidates = throughput.configs_of(load_config('dsresnet'), lines)[1:]
-  reports = {}  # Recipe-only lines share the config's architecture: analysed once.
+  # Recipe-only lines share the config's architecture: analysed once (the key: every config
+  # field describe_model reads).
+  reports = {}
+  fields = ('model', 'model_kwargs', 'layers', 'fit_params', 'constraints', 'bn_momentum',
+            'bn_epsilon', 'depthwise_impl', 'dropout_impl')
   for text, (overrides, config) in zip(lines, candidates):
-    key = json.dumps([config.model, config.model_kwargs.to_dict(), config.fit_params],
-                     sort_keys=True)
+    key = json.dumps({k: config.get(k) for k in fields}, sort_keys=True, default=str)
     if key not in reports:
       reports[key] = experiment.describe_model(config, (32, 32, 3), 10).report
     report = reports[key]

@@ -142,22 +142,30 @@ def test_evaluation_batches_are_no_larger_than_the_splits_evaluated(image_folder
   # Padding 12 test images to a batch of 1000 would compute 1000 images per evaluation.
   from dsconv_jax import experiment  # pylint: disable=g-import-not-at-top
   config = config_for(image_folder, eval_batch_size=1000, holdout=5)
-  split = experiment.load_data(config)
-  assert (len(split.val.labels), len(split.test.labels)) == (5, 12)
-  exp = experiment.create_experiment(config, split)
+  loaded = experiment.load_data(config)
+  assert (len(loaded.val.labels), len(loaded.test.labels)) == (5, 12)
+  exp = experiment.create_experiment(config, loaded)
   assert exp.eval_batch_size == 12
-  assert [a.shape[0] for a in exp.put_split(split.val)] == [12] * 3
+  assert [a.shape[0] for a in exp.put_split(loaded.val)] == [12] * 3
   small = experiment.create_experiment(config_for(image_folder, eval_batch_size=5, holdout=5),
-                                       split)
+                                       loaded)
   assert small.eval_batch_size == 5  # A configured batch below the splits' sizes is kept.
   # The figures do not depend on the batch.
   for a, b in ((exp.evaluate, small.evaluate), (exp.evaluate_tta_flip, small.evaluate_tta_flip)):
-    got = {k: float(v) for k, v in a(exp.state, *exp.put_split(split.test)).items()}
-    want = {k: float(v) for k, v in b(small.state, *small.put_split(split.test)).items()}
+    got = {k: float(v) for k, v in a(exp.state, *exp.put_split(loaded.test)).items()}
+    want = {k: float(v) for k, v in b(small.state, *small.put_split(loaded.test)).items()}
     assert got == pytest.approx(want, rel=1e-5)
-  # On several devices the batch is a multiple of their number.
+  # A lowered batch is a multiple of 6 x the devices, so that each TTA view count (1, 2, 3, 6)
+  # divides it (a prime split size would leave TTA one image a step), and never exceeds the
+  # configured one.
   batch = experiment._eval_batch_size  # pylint: disable=protected-access
-  assert (batch(1000, split, 5), batch(10, split, 4), batch(3, split, 4)) == (15, 12, 4)
+  assert (batch(1000, loaded, 5), batch(10, loaded, 4), batch(3, loaded, 4)) == (30, 12, 4)
+  prime = experiment.Data(loaded.dataset, loaded.train, data.Split(
+      np.zeros((997, 4, 4, 3), np.uint8), np.zeros(997, np.int32)))
+  assert (batch(1000, prime, 1), batch(1000, prime, 2)) == (1000, 1000)
+  assert batch(2000, prime, 2) == 1008
+  views = experiment._view_batch_size  # pylint: disable=protected-access
+  assert [views(batch(2000, prime, 2), v, 2) for v in (1, 2, 3, 6)] == [1008, 504, 336, 168]
 
 
 def test_bad_config_values_are_user_errors(tmp_path, image_folder):
