@@ -143,22 +143,15 @@ def test_device_prep_refuses_a_folder_that_is_not_an_image_dataset(tmp_path):
 def test_every_issue16_gpu_candidate_parses_and_fits_the_rules():
   # BENCHMARKS.md's sweep feeds each line of benchmarks/candidates16.txt to bench as overrides of
   # configs/dsresnet.py: a typo or an architecture over the budget would cost a GPU call.
-  from dsconv_jax import experiment, throughput
-  from test_models import load_config
+  from dsconv_jax import throughput
+  from test_models import cifar_report, load_config
   with open(os.path.join(ROOT, 'benchmarks', 'candidates16.txt')) as f:
     lines = [line.strip() for line in f if line.strip()]
   assert len(lines) >= 5
   candidates = throughput.configs_of(load_config('dsresnet'), lines)[1:]
-  # Recipe-only lines share the config's architecture: analysed once (the key: every config
-  # field describe_model reads).
   reports = {}
-  fields = ('model', 'model_kwargs', 'layers', 'fit_params', 'constraints', 'bn_momentum',
-            'bn_epsilon', 'depthwise_impl', 'dropout_impl')
   for text, (overrides, config) in zip(lines, candidates):
-    key = json.dumps({k: config.get(k) for k in fields}, sort_keys=True, default=str)
-    if key not in reports:
-      reports[key] = experiment.describe_model(config, (32, 32, 3), 10).report
-    report = reports[key]
+    report = cifar_report(config, reports)
     assert report.violations == [] and report.params_total < 100_000, text
     assert report.receptive_field_status == 'covers', text
     assert overrides != '', text

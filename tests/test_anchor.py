@@ -14,7 +14,7 @@ import pytest
 
 from dsconv_jax import analysis, experiment, layers, models, throughput
 from dsconv_jax.errors import UsageError, UserError
-from test_models import load_config
+from test_models import cifar_report, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,11 +110,7 @@ def test_every_screening_line_is_a_named_holdout_run_inside_the_rules():
   seen = {}
   for (name, text), (_, config) in zip(lines, configs):
     experiment.validate_config(config)
-    key = json.dumps([config.model, config.model_kwargs.to_dict(), config.fit_params],
-                     sort_keys=True)
-    if key not in seen:  # Recipe-only lines share an architecture: analysed once.
-      seen[key] = experiment.describe_model(config, (32, 32, 3), 10).report
-    report = seen[key]
+    report = cifar_report(config, seen)
     assert report.violations == [] and report.params_total < 100_000, name
   assert len(seen) >= 6  # The architectures: base, k5, k7, dil2/dil3 (= base), mix, one down.
 

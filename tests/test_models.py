@@ -2,6 +2,7 @@
 three forms (built-in name, 'sequential', import path) and what each model is given."""
 
 import glob
+import json
 import importlib
 import importlib.util
 import os
@@ -29,6 +30,20 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# Every config field experiment.describe_model reads: configs equal in these are one architecture.
+_ARCHITECTURE_FIELDS = ('model', 'model_kwargs', 'layers', 'fit_params', 'constraints',
+                        'bn_momentum', 'bn_epsilon', 'depthwise_impl', 'dropout_impl')
+
+
+def cifar_report(config, cache: dict):
+  """describe_model's report of `config` for 32x32x3 images and 10 classes, analysed once per
+  architecture in `cache` (recipe-only candidate lines share their config's)."""
+  key = json.dumps({k: config.get(k) for k in _ARCHITECTURE_FIELDS}, sort_keys=True, default=str)
+  if key not in cache:
+    cache[key] = experiment.describe_model(config, (32, 32, 3), 10).report
+  return cache[key]
 
 
 # (total, trainable) as printed by Keras in the sources. Non-trainable = BatchNorm moving
