@@ -144,7 +144,8 @@ def test_every_recorded_screening_line_still_trains_what_it_trained():
       c['model_kwargs'].pop('width_multiplier', None)
     assert recipe_table.changes(now, ran) == '(baseline)', name
     checked.append(name)
-  assert {'base', 'k5', 'k7', 'dil2', 'mix377d3', 'adamw1c', 'distillk5'} <= set(checked)
+  assert {'base', 'k5', 'k7', 'dil2', 'mix377d3', 'onedown', 'adamw1c', 'distillk5'} <= set(
+      checked)
 
 
 def test_also_can_time_another_config_file_beside_the_config():
