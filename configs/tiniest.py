@@ -16,8 +16,9 @@ it reaches in 50 is still to be measured. In 10 (`--config.num_epochs=10
 --config.warmup_epochs=0.1 --config.ema_warmup=True`, benchmarks/screen40.sh's line, seed 0, the
 JPEG copy, 2-core CPU; results/screen40-cpu-10ep/tiniest) it ends at 83.12% on the holdout, level
 with configs/dsresnet.py's 3x3 form over the same 10 epochs (83.08 +- 0.37%, two seeds), and
-81.89% on test (flip TTA 82.67%, multi-crop 82.86%), at 36-41 images/s of training on that CPU. Its recipe, each part a config key, with its schedules
-scaled from 200 epochs to 50 (same shape over the run, per step):
+81.89% on test (flip TTA 82.67%, multi-crop 82.86%), at 36-41 images/s of training on that CPU.
+Its recipe, each part a config key, with its schedules scaled from 200 epochs to 50 (same shape
+over the run, per step):
 
 * AdamW (PyTorch's defaults: betas 0.9/0.999, eps 1e-8), learning rate 0.02, weight decay 0.01 on
   every parameter (PyTorch's AdamW decays biases and norms too), batch 256;
