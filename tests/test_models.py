@@ -2,9 +2,9 @@
 three forms (built-in name, 'sequential', import path) and what each model is given."""
 
 import glob
-import json
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import textwrap
