@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated image-folder datasets (no network, nothing from ../shared)."""
+"""Shared fixtures: small generated image-folder datasets (no network, nothing from outside the
+repository)."""
 
 import os
 import shutil

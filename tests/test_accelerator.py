@@ -140,7 +140,7 @@ def test_device_prep_refuses_a_folder_that_is_not_an_image_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_issue16_gpu_candidate_parses_and_fits_the_rules():
+def test_every_candidates16_line_parses_and_fits_the_rules():
   # BENCHMARKS.md's sweep feeds each line of benchmarks/candidates16.txt to bench as overrides of
   # configs/dsresnet.py: a typo or an architecture over the budget would cost a GPU call.
   from dsconv_jax import throughput

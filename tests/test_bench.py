@@ -131,8 +131,8 @@ def test_bad_seeds_are_usage_errors():
 
 def test_a_finished_seed_of_a_fitted_model_is_kept(tmp_path):
   """With fit_params on, a run saves the config with the width multiplier the fit chose, which
-  the config given to bench lacks: the seed still counts as finished (the H200 bench of issue 16
-  re-evaluated every finished seed of configs/dsresnet.py instead); any other change does not."""
+  the config given to bench lacks: the seed still counts as finished (rather than trained or
+  evaluated again); any other change does not."""
   from dsconv_jax import budget  # pylint: disable=g-import-not-at-top
   from test_models import load_config  # pylint: disable=g-import-not-at-top
   config = load_config('dsresnet')

@@ -423,9 +423,8 @@ def test_checkpoints_of_another_model_are_an_error_not_a_fresh_start(tmp_path):
 
 def test_orbax_error_logs_stay_filtered_after_close_once_a_save_failed(tmp_path):
   # A save can fail in its synchronous part while Orbax's write threads run on and log the same
-  # failure with a traceback later, after the run has closed its checkpoints (a fresh-clone CI run
-  # of 2026-12-04 printed one): the filter must outlive close() whenever any save failed, and a
-  # clean close must remove it.
+  # failure with a traceback later, after the run has closed its checkpoints: the filter must
+  # outlive close() whenever any save failed, and a clean close must remove it.
   import logging  # pylint: disable=g-import-not-at-top
   absl_logger = logging.getLogger('absl')
   quiet = lambda: [f for f in absl_logger.filters

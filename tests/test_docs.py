@@ -154,10 +154,10 @@ def test_the_walkthrough_runs_as_written(tmp_path, cli_env):
   assert (tmp_path / 'mine-vs-model3.png').exists()
 
 
-# Where the product lives: no history, no paths outside the repository.
-PRODUCT = ('dsconv_jax', 'configs', 'benchmarks', 'examples', 'docs', 'README.md')
-# The history's own places.
-HISTORY = ('docs/journal.md', 'CHANGELOG.md')
+# Where the product and its tests live: no history, no paths outside the repository.
+PRODUCT = ('dsconv_jax', 'configs', 'benchmarks', 'examples', 'docs', 'tests', 'README.md')
+# The history's own places, and this file, whose patterns and examples name what they find.
+HISTORY = ('docs/journal.md', 'CHANGELOG.md', os.path.join('tests', 'test_docs.py'))
 STALE = [
     (re.compile(r'\bissues?\s*#?\d+', re.IGNORECASE), 'an issue number'),
     (re.compile(r'\b20\d\d-\d\d-\d\d\b'), 'a date'),

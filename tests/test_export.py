@@ -134,8 +134,8 @@ class Net(nnx.Module):
 
 
 def test_nnx_model_exports_valid_float_and_int8(tmp_path, monkeypatch):
-  """Enabled once `config.model` accepts NNX modules (issue 35): trains one epoch and exports
-  through the real command, float32 and int8."""
+  """An NNX module as `config.model`: trains one epoch and exports through the real command,
+  float32 and int8."""
   from conftest import make_image_folder
   from dsconv_jax import train
   (tmp_path / 'nnx_net.py').write_text(NNX_NET)

@@ -49,7 +49,7 @@ def cifar_report(config, cache: dict):
 # (total, trainable) as printed by Keras in the sources. Non-trainable = BatchNorm moving
 # mean and variance, 2 per channel: Model 3 has 480 BN channels (960), the 80k net 656 (1,312).
 EXPECTED = {
-    'baseline': (1_172_410, 1_172_410),  # product.md's reconstruction; matches exactly.
+    'baseline': (1_172_410, 1_172_410),  # the source study's reconstruction; matches exactly.
     'model2': (35_387, 34_427),
     'model3': (35_387, 34_427),
     'model4': (35_387, 34_427),
@@ -92,7 +92,7 @@ def test_every_config_file_builds_a_model_within_its_constraints(monkeypatch):
     if ':' in config.model and not analysis_sees_flax_batch_norm():
       violations = [v for v in violations if 'has no BatchNorm layer' not in v]
     assert violations == [], name
-    # The command-line contract (product.md): keys every config has.
+    # The command-line contract: keys every config has.
     for key in ('dataset', 'data_dir', 'num_epochs', 'batch_size', 'seed', 'learning_rate',
                 'train_examples', 'eval_examples'):
       assert key in config, (name, key)

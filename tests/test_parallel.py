@@ -153,7 +153,7 @@ def test_model3_drift_between_1_and_4_devices_is_float32_rounding():
   assert len(result['float64']) >= 10
   assert max(result['float64']) < 1e-9, result['float64']
   # The first step: the same float32 loss on 1 and 4 devices up to rounding. Bitwise equality
-  # held on the AVX-512 machines this was written on; on an AVX2-only CPU (2026-12-03) the
-  # reductions split differently and the first losses differed by 9.4e-8.
+  # held on the AVX-512 machines this was written on; on an AVX2-only CPU the reductions
+  # split differently and the first losses differed by 9.4e-8.
   assert result['float32'][0] < 1e-6, result['float32']
   assert max(result['float32']) > 1e-5, result['float32']  # The drift the float64 run removes.

@@ -1,5 +1,5 @@
 """benchmarks/recalibration_study.py: a finished run evaluated with BatchNorm statistics
-recomputed over differently augmented training batches (issue 16)."""
+recomputed over differently augmented training batches."""
 
 import json
 import os

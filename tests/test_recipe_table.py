@@ -1,4 +1,4 @@
-"""benchmarks/recipe_table.py: issue 16's table of recipe candidates against a baseline run."""
+"""benchmarks/recipe_table.py: the table of recipe candidates against a baseline run."""
 
 import json
 import os

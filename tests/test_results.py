@@ -27,9 +27,9 @@ def recorded_runs(model: str, min_epochs: int):
 
 
 def test_the_own_models_long_runs_do_not_sag_in_their_last_third():
-  # Issue 16: evaluated with statistics that belong to the weights evaluated, and regularised,
-  # a 50-epoch validation curve holds its level as the learning rate decays (the run before the
-  # fix fell 10.9 points over epochs 39-45).
+  # Evaluated with statistics that belong to the weights evaluated, and regularised, a 50-epoch
+  # validation curve holds its level as the learning rate decays (without them one fell 10.9
+  # points over epochs 39-45).
   runs = recorded_runs('dsresnet', 30)
   if not runs:
     pytest.skip('no DS-ResNet run of 30+ epochs recorded in results/ yet')
